@@ -82,7 +82,7 @@ def metadata(ckpt: dict, name: str) -> dict[str, object]:
         "data": ckpt["data"],
         "val_accuracy": ckpt["metrics"]["val_accuracy"],
         "metrics": ckpt["metrics"],
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "training_config": cfg,
     }
 

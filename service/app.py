@@ -1,0 +1,382 @@
+"""The HTTP edge: ``create_app(settings)`` builds the FastAPI app; routes stay thin and call the core
+(read -> decode/preprocess -> micro-batched inference -> postprocess)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated
+
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from service import errors, metrics
+from service.batching import MicroBatcher, Result
+from service.errors import (
+    DeadlineExceeded,
+    EmptyBody,
+    InvalidMultipart,
+    ModelLoadError,
+    ModelNotReady,
+    NoImages,
+    PayloadTooLarge,
+    TooManyImages,
+    UnsupportedMediaType,
+)
+from service.preprocessing import Decoded, Preprocessor
+from service.runtime import Model, softmax
+from service.schemas import Error, Health, ModelCard, PredictResponse
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+RAW_TYPES = ("application/octet-stream", "application/x-www-form-urlencoded")  # the latter: curl --data-binary
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A model and the preprocessing its file describes: swapped together, atomically."""
+
+    model: Model
+    preprocessor: Preprocessor
+
+
+class ServiceState:
+    """Everything the lifespan builds; routes reach it through ``get_state``."""
+
+    def __init__(self, settings: Settings, load_model: Callable[[Settings], Model]) -> None:
+        self.settings = settings
+        self.load_model = load_model
+        self.serving: Serving | None = None
+        self.status = "loading"
+        self.reason: str | None = "model is loading"
+        self.batcher: MicroBatcher | None = None
+        self.decode_pool = ThreadPoolExecutor(settings.effective_decode_threads, thread_name_prefix="decode")
+        self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+    def require_ready(self) -> Serving:
+        if not self.ready or self.serving is None:
+            raise ModelNotReady()
+        return self.serving
+
+    def begin_drain(self) -> None:
+        if self.status != "draining":
+            log.info("draining: readiness now 503, finishing accepted requests")
+        self.status, self.reason = "draining", "shutting down"
+
+    def _load_and_warm(self) -> Serving:
+        model = self.load_model(self.settings)
+        model.warm_up(self.settings.max_batch_size)
+        return Serving(model, Preprocessor(model.spec, self.settings.max_image_pixels))
+
+    async def load(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            serving = await loop.run_in_executor(self.infer_pool, self._load_and_warm)
+        except ModelLoadError as e:
+            self._fail(str(e))
+            return
+        except Exception as e:  # noqa: BLE001 - any failure must leave the service up and not ready
+            log.exception("model load failed unexpectedly")
+            self._fail(f"unexpected error while loading the model: {type(e).__name__}: {e}")
+            return
+        self.serving = serving
+        spec = serving.model.spec
+        metrics.MODEL_LOADS.labels("ok").inc()
+        metrics.MODEL_INFO.info({"name": spec.name, "version": spec.version, "provider": serving.model.provider})
+        if self.status == "loading":
+            self.status, self.reason = "ready", None
+            log.info("ready: %s %s on %s", spec.name, spec.version, serving.model.provider)
+
+    def _fail(self, reason: str) -> None:
+        metrics.MODEL_LOADS.labels("failed").inc()
+        log.error("model not served: %s", reason)
+        if self.status == "loading":
+            self.status, self.reason = "failed", reason
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+State = Annotated[ServiceState, Depends(get_state)]
+
+
+def _chain_drain_on_signals(state: ServiceState) -> None:
+    """Turn not-ready the moment SIGTERM/SIGINT arrives, then let uvicorn's own handler start its
+    graceful shutdown (stop accepting, finish accepted requests, run the lifespan's exit)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread (not so under a TestClient)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def handler(signum: int, frame: object, previous: Callable = previous) -> None:
+            state.begin_drain()
+            previous(signum, frame)
+
+        signal.signal(sig, handler)
+
+
+# --- reading requests ---------------------------------------------------------------------------
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it passes ``limit`` (never buffered beyond it)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_images(request: Request, settings: Settings) -> list[bytes]:
+    """The image payloads of a request: a raw body, or the file parts of a multipart form, in order."""
+    content_type = request.headers.get("content-type", "application/octet-stream")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "multipart/form-data" and not (media.startswith("image/") or media in RAW_TYPES):
+        raise UnsupportedMediaType()
+    body = await read_body(request, settings.max_upload_bytes)
+    if not body:
+        raise EmptyBody()
+    if media != "multipart/form-data":
+        return [body]
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    parser = MultiPartParser(
+        request.headers, stream(), max_files=settings.max_batch_images, max_fields=100,
+        max_part_size=settings.max_upload_bytes,
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        # Starlette signals the file-count limit only through this message.
+        raise (TooManyImages() if "Too many files" in e.message else InvalidMultipart()) from e
+    try:
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not files:
+            raise NoImages()
+        images = [await f.read() for f in files]
+    finally:
+        await form.close()
+    if any(not data for data in images):
+        raise EmptyBody("empty file part")
+    return images
+
+
+# --- the core -----------------------------------------------------------------------------------
+
+
+async def classify(state: ServiceState, request: Request, images: list[bytes]) -> tuple[Serving, list[Decoded],
+                                                                                          list[Result]]:
+    """Decode off the event loop, then queue for a batch; bounded by the request deadline and
+    abandoned (queued work dropped) if the client goes away."""
+    serving = state.require_ready()
+    batcher = state.batcher
+    if batcher is None:
+        raise ModelNotReady()
+    loop = asyncio.get_running_loop()
+
+    async def work() -> tuple[list[Decoded], list[Result]]:
+        with batcher.reserve(len(images)) as reservation:
+            decoded = await asyncio.gather(
+                *(loop.run_in_executor(state.decode_pool, serving.preprocessor, data) for data in images)
+            )
+            results = await reservation.submit([d.x for d in decoded], serving.model)
+        return decoded, results
+
+    task = asyncio.ensure_future(work())
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait(
+            {task, watcher}, timeout=state.settings.request_timeout_ms / 1000, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        watcher.cancel()
+    if task in done:
+        decoded, results = task.result()
+        return serving, decoded, results
+    task.cancel()
+    try:
+        await task  # let a queue reservation release and surface errors raised before the cut-off
+    except asyncio.CancelledError:
+        pass
+    if watcher in done:
+        raise ClientGone()
+    raise DeadlineExceeded()
+
+
+class ClientGone(errors.ServiceError):
+    status, detail = 499, "client closed request"  # nginx's code; nobody is left to read it
+
+
+async def _disconnected(request: Request) -> None:
+    """Resolves when the client disconnects (the body has been read, so the next message is that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def build_response(serving: Serving, decoded: list[Decoded], results: list[Result], top_k: int,
+                   started: float) -> JSONResponse:
+    spec = serving.model.spec
+    model = results[0].model
+    probs = softmax(np.stack([r.logits for r in results]))  # (N, classes), float64
+    k = min(top_k, len(spec.labels))
+    predictions = []
+    for p in probs:
+        order = np.argsort(-p, kind="stable")[:k]
+        predictions.append({
+            "probabilities": p.tolist(),
+            "top_k": [{"label": spec.labels[i], "index": int(i), "probability": float(p[i])} for i in order],
+        })
+    body = {"model": {"name": spec.name, "version": spec.version}, "provider": model.provider,
+            "predictions": predictions}
+    decode_ms = sum(d.decode_s for d in decoded) * 1000
+    pre_ms = sum(d.preprocess_s for d in decoded) * 1000
+    queue_ms = max(r.queue_s for r in results) * 1000
+    infer_ms = max(r.infer_s for r in results) * 1000
+    total_ms = (time.perf_counter() - started) * 1000
+    for d in decoded:
+        metrics.DECODE.observe(d.decode_s)
+        metrics.PREPROCESS.observe(d.preprocess_s)
+    for r in results:
+        metrics.QUEUE_WAIT.observe(r.queue_s)
+    headers = {
+        "Server-Timing": f"decode;dur={decode_ms:.3f}, preprocess;dur={pre_ms:.3f}, queue;dur={queue_ms:.3f}, "
+                         f"infer;dur={infer_ms:.3f}, total;dur={total_ms:.3f}",
+        "X-Model-Name": spec.name,
+        "X-Model-Version": spec.version,
+        "X-Inference-Provider": model.provider,
+    }
+    return JSONResponse(body, headers=headers)
+
+
+# --- the app ------------------------------------------------------------------------------------
+
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+        },
+    }
+}
+ERRORS = {code: {"model": Error} for code in (400, 413, 415, 422, 429, 503, 504)}
+
+
+def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = Model.load) -> FastAPI:
+    """Build the service. ``load_model`` is the seam tests use to observe loading or inject faults."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = ServiceState(settings, load_model)
+        app.state.service = state
+        _chain_drain_on_signals(state)
+        batcher: MicroBatcher = MicroBatcher(
+            lambda model, x: model.run(x), state.infer_pool, settings.max_batch_size,
+            settings.max_batch_delay_ms / 1000, settings.max_queue, metrics.observe_batch,
+        )
+        batcher.start()
+        state.batcher = batcher
+        # Load in the background: the process answers liveness (and a 503 readiness) while it loads.
+        loader = asyncio.create_task(state.load(), name="model-load")
+        try:
+            yield
+        finally:
+            state.begin_drain()
+            loader.cancel()
+            await batcher.stop()
+            state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            state.infer_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="ResNet inference service",
+        version="0.1.0",
+        summary="Classify images with a residual network exported to ONNX, served by onnxruntime.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(metrics.RequestMetrics)
+    errors.install(app)
+
+    @app.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=IMAGE_BODY)
+    async def predict(
+        request: Request,
+        state: State,
+        top_k: Annotated[int, Query(ge=1, le=1000, description="classes to list, capped at the class count")] = 5,
+    ) -> Response:
+        """Classify one image (raw body) or several (multipart file parts); probabilities per image."""
+        started = time.perf_counter()
+        state.require_ready()
+        images = await read_images(request, state.settings)
+        if len(images) > state.settings.max_batch_images:
+            raise TooManyImages()
+        metrics.QUEUE_DEPTH.set(state.batcher.depth if state.batcher else 0)
+        serving, decoded, results = await classify(state, request, images)
+        return build_response(serving, decoded, results, top_k, started)
+
+    @app.get("/health/live", response_model=Health)
+    async def live() -> Health:
+        """Liveness: 200 while the process can answer."""
+        return Health(status="alive")
+
+    @app.get("/health/ready", response_model=Health, responses={503: {"model": Health}})
+    async def ready(state: State) -> Response:
+        """Readiness: 200 once the model is loaded and warmed up; 503 with the reason otherwise."""
+        if state.ready:
+            return JSONResponse({"status": "ready", "detail": None})
+        return JSONResponse({"status": state.status, "detail": state.reason}, status_code=503)
+
+    @app.get("/model", response_model=ModelCard, responses={503: {"model": Error}})
+    async def model_card(state: State) -> ModelCard:
+        """The served model: labels, input shape, preprocessing, provider, and its metadata."""
+        serving = state.require_ready()
+        spec, meta = serving.model.spec, serving.model.spec.metadata
+        return ModelCard(
+            name=spec.name, version=spec.version, labels=spec.labels, input_name=spec.input_name,
+            input_shape=spec.input_shape,
+            preprocessing={"input_size": list(spec.input_size), "colour_mode": spec.colour_mode,
+                           "mean": list(spec.mean), "std": list(spec.std), "resize": spec.resize},
+            provider=serving.model.provider, arch=meta.get("arch"), val_accuracy=meta.get("val_accuracy"),
+            created_at=meta.get("created_at"), metadata=meta,
+        )
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus(state: State) -> Response:
+        """Prometheus exposition."""
+        if state.batcher is not None:
+            metrics.QUEUE_DEPTH.set(state.batcher.depth)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,189 @@
+"""Dynamic micro-batching: images from concurrent requests share one ``session.run``.
+
+Admission is decided before any decoding (``reserve``), so a full queue costs the client a 429 and the
+server nothing. A batch is dispatched as soon as it is full, or when nothing more is on its way (no
+reserved image is still decoding: a lone client pays no delay), or after ``max_delay_s`` at most.
+Triton's dynamic batcher works the same way (max_queue_delay_microseconds, preferred sizes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from service.errors import InferenceFailed, ModelNotReady, QueueFull
+
+M = TypeVar("M")  # the model a batch ran on, so a response can name the version that answered
+
+
+@dataclass
+class Result(Generic[M]):
+    logits: np.ndarray  # (classes,)
+    model: M
+    queue_s: float
+    infer_s: float
+    batch_size: int
+
+
+@dataclass
+class _Item:
+    x: np.ndarray
+    model: object  # the model this image was preprocessed for; a batch never mixes models
+    future: asyncio.Future
+    enqueued: float
+
+
+class Reservation:
+    """Room in the queue for ``n`` images, held while they are decoded."""
+
+    def __init__(self, batcher: MicroBatcher, n: int) -> None:
+        self.batcher, self.n = batcher, n
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.n:
+            self.batcher._incoming -= self.n
+            self.n = 0
+
+    async def submit(self, xs: list[np.ndarray], model: object) -> list[Result]:
+        """Queue the decoded images; resolves when their batch has run. Cancelling drops them."""
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        items = [_Item(x, model, loop.create_future(), now) for x in xs]
+        self.release()
+        self.batcher._queue.extend(items)
+        self.batcher._wakeup.set()
+        futures = [it.future for it in items]
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for f in futures:  # a cancelled (timed-out, disconnected) request leaves nothing queued
+                f.cancel()
+            raise
+
+
+class MicroBatcher(Generic[M]):
+    def __init__(
+        self,
+        run: Callable[[M, np.ndarray], np.ndarray],
+        executor: Executor,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.run, self.executor = run, executor
+        self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
+        self.on_batch = on_batch
+        self._queue: deque[_Item] = deque()
+        self._incoming = 0  # images reserved and still being decoded
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        """Images admitted and not yet dispatched (decoding or queued)."""
+        return len(self._queue) + self._incoming
+
+    def reserve(self, n: int) -> Reservation:
+        if self._task is None:
+            raise ModelNotReady()
+        if self.depth + n > self.max_queue:
+            raise QueueFull(headers={"Retry-After": "1"})
+        self._incoming += n
+        return Reservation(self, n)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(ModelNotReady())
+
+    def _take(self, n: int, model: object = None) -> list[_Item]:
+        """Up to n live items for one model (the first live item's, unless given)."""
+        out: list[_Item] = []
+        while self._queue and len(out) < n:
+            item = self._queue[0]
+            if item.future.done():  # its request was cancelled (timed out, disconnected): drop it
+                self._queue.popleft()
+                continue
+            if model is None:
+                model = item.model
+            elif item.model is not model:  # a reload happened: the next batch runs the new model
+                break
+            out.append(self._queue.popleft())
+        return out
+
+    async def _gather_batch(self) -> list[_Item]:
+        loop = asyncio.get_running_loop()
+        while not self._queue:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        batch = self._take(self.max_batch_size)
+        deadline = loop.time() + self.max_delay_s
+        while len(batch) < self.max_batch_size and self._incoming > 0:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                break
+            if batch:
+                batch += self._take(self.max_batch_size - len(batch), batch[0].model)
+            else:
+                batch = self._take(self.max_batch_size)
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather_batch()
+            if not batch:
+                continue
+            model = batch[0].model
+            start = time.perf_counter()
+            x = np.stack([it.x for it in batch])  # (N, C, H, W)
+            try:
+                logits = await loop.run_in_executor(self.executor, self.run, model, x)
+            except asyncio.CancelledError:
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(ModelNotReady())
+                raise
+            except Exception as e:  # noqa: BLE001 - the failure belongs to this batch's requests only
+                for it in batch:
+                    if not it.future.done():
+                        err = InferenceFailed()
+                        err.__cause__ = e
+                        it.future.set_exception(err)
+                continue
+            infer_s = time.perf_counter() - start
+            if self.on_batch is not None:
+                self.on_batch(len(batch), infer_s)
+            for i, it in enumerate(batch):
+                if not it.future.done():
+                    it.future.set_result(Result(logits[i], model, start - it.enqueued, infer_s, len(batch)))

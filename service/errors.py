@@ -1,0 +1,108 @@
+"""Domain errors, raised deep in the service and mapped to HTTP in one place (``install``).
+
+Every error body is ``{"detail": "<short fixed message>"}``; an unexpected failure also carries an
+``error_id`` that is written to the log beside the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+log = logging.getLogger("service")
+
+
+class ServiceError(Exception):
+    status = 500
+    detail = "internal error"
+
+    def __init__(self, detail: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail or self.detail)
+        if detail is not None:
+            self.detail = detail
+        self.headers = headers or {}
+
+
+class EmptyBody(ServiceError):
+    status, detail = 400, "empty body"
+
+
+class InvalidImage(ServiceError):
+    status, detail = 400, "could not decode image"
+
+
+class NoImages(ServiceError):
+    status, detail = 400, "multipart body has no file parts"
+
+
+class InvalidMultipart(ServiceError):
+    status, detail = 400, "malformed multipart body"
+
+
+class PayloadTooLarge(ServiceError):
+    status, detail = 413, "body too large"
+
+
+class ImageTooLarge(ServiceError):
+    status, detail = 413, "image has too many pixels"
+
+
+class TooManyImages(ServiceError):
+    status, detail = 413, "too many images in one request"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    detail = "unsupported content type: send image/*, application/octet-stream or multipart/form-data"
+
+
+class QueueFull(ServiceError):
+    status, detail = 429, "server busy: inference queue is full"
+
+
+class ModelNotReady(ServiceError):
+    status, detail = 503, "model not ready"
+
+
+class DeadlineExceeded(ServiceError):
+    status, detail = 504, "request timed out"
+
+
+class InferenceFailed(ServiceError):
+    status, detail = 500, "inference failed"
+
+
+class ModelLoadError(RuntimeError):
+    """The model file cannot be served; the message names the cause. Not an HTTP error: it keeps the
+    service from becoming ready."""
+
+
+async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    body: dict[str, str] = {"detail": exc.detail}
+    if exc.status >= 500 and exc.status not in (503, 504):
+        body["error_id"] = error_id = uuid.uuid4().hex[:12]
+        log.error("error_id=%s %s %s: %s", error_id, request.method, request.url.path, exc.__cause__ or exc)
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    error_id = uuid.uuid4().hex[:12]
+    log.exception("error_id=%s unexpected failure on %s %s", error_id, request.method, request.url.path)
+    return JSONResponse({"detail": "internal error", "error_id": error_id}, status_code=500)
+
+
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
+    return JSONResponse({"detail": f"invalid {where or 'request'}: {first.get('msg', 'validation failed')}"},
+                        status_code=422)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(Exception, _unexpected)

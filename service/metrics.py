@@ -1,0 +1,58 @@
+"""Prometheus metrics: module-level, with fixed label sets (route templates, never raw paths)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Sub-millisecond to seconds: a 32x32 PNG decodes in 50 us, a 12 MP JPEG in tens of ms, a batch of
+# resnet50 on the CPU in seconds.
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+REQUESTS = Counter("http_requests", "HTTP requests answered", ["route", "method", "status"])
+REQUEST_LATENCY = Histogram("http_request_duration_seconds", "Time to answer", ["route"], buckets=STAGE_BUCKETS)
+DECODE = Histogram("predict_decode_seconds", "Image decode time, per image", buckets=STAGE_BUCKETS)
+PREPROCESS = Histogram("predict_preprocess_seconds", "Resize and normalise time, per image", buckets=STAGE_BUCKETS)
+QUEUE_WAIT = Histogram("predict_queue_wait_seconds", "Time an image waited for its batch", buckets=STAGE_BUCKETS)
+INFERENCE = Histogram("predict_inference_seconds", "session.run time, per batch", buckets=STAGE_BUCKETS)
+BATCH_SIZE = Histogram("predict_batch_size", "Images per session.run", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+QUEUE_DEPTH = Gauge("predict_queue_depth", "Images admitted and not yet dispatched to the model")
+IMAGES = Counter("predict_images", "Images classified")
+MODEL_INFO = Info("model", "The model being served")
+MODEL_LOADS = Counter("model_loads", "Model load attempts", ["result"])
+
+
+def observe_batch(size: int, seconds: float) -> None:
+    BATCH_SIZE.observe(size)
+    INFERENCE.observe(seconds)
+    IMAGES.inc(size)
+
+
+class RequestMetrics:
+    """Pure ASGI middleware (no BaseHTTPMiddleware: it would copy every body through a queue)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            REQUESTS.labels(template, scope["method"], str(status)).inc()
+            REQUEST_LATENCY.labels(template).observe(time.perf_counter() - start)

@@ -1,0 +1,101 @@
+"""Bytes -> the network's input, reproducing the exported model's evaluation preprocessing from its
+metadata alone (the reference is ``model/preprocessing.py``; a test holds the two to 1e-6)."""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import ImageTooLarge, InvalidImage
+from service.runtime import ModelSpec
+
+# Formats a client may send. An allowlist, because Pillow also opens formats that shell out
+# (EPS runs Ghostscript) or that nobody photographs in.
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "ICO", "TGA")  # JPEG covers MPO
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
+
+
+@dataclass
+class Decoded:
+    x: np.ndarray  # (C, H, W) float32, normalised
+    decode_s: float
+    preprocess_s: float
+
+
+class Preprocessor:
+    def __init__(self, spec: ModelSpec, max_pixels: int) -> None:
+        self.spec = spec
+        self.max_pixels = max_pixels
+        self.mean = np.asarray(spec.mean, np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(spec.std, np.float32).reshape(-1, 1, 1)
+        self.resample = RESAMPLE[spec.resize]
+        Image.init()  # register every format plugin now, not on the first request (tens of ms)
+
+    def decode(self, data: bytes) -> Image.Image:
+        """Open, check the declared size against the pixel limit, then decode (JPEGs at reduced scale)."""
+        try:
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+        except Image.DecompressionBombError as e:
+            raise ImageTooLarge() from e
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+            raise InvalidImage() from e
+        w, h = img.size
+        if w * h > self.max_pixels:  # from the header alone: nothing is allocated yet
+            raise ImageTooLarge()
+        if w < 1 or h < 1:
+            raise InvalidImage()
+        if img.format in ("JPEG", "MPO"):
+            # Decode at 1/2, 1/4 or 1/8 scale via the DCT while staying at least the input size:
+            # a 12 MP photo costs a fraction of a full decode. Square target, so EXIF rotation is moot.
+            side = max(self.spec.input_size)
+            img.draft(None, (side, side))
+        try:
+            img.load()
+        except Image.DecompressionBombError as e:
+            raise ImageTooLarge() from e
+        except Exception as e:  # noqa: BLE001 - a broken file can make any decoder raise anything
+            raise InvalidImage() from e
+        return img
+
+    def to_mode(self, img: Image.Image) -> Image.Image:
+        """EXIF orientation, 16-bit scaled to 8-bit, transparency flattened onto black, colour mode."""
+        img = ImageOps.exif_transpose(img)
+        if img.mode in SIXTEEN_BIT:
+            # Pillow's convert("L") clips 16-bit values at 255 instead of scaling them.
+            arr = np.asarray(img, dtype=np.int64)
+            img = Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8), "L")
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img)
+        return img.convert(self.spec.colour_mode)
+
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        img = self.to_mode(img)
+        h, w = self.spec.input_size
+        if img.size != (w, h):
+            img = img.resize((w, h), self.resample)
+        arr = np.asarray(img, dtype=np.uint8)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        x = arr.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)  # (C, H, W) in [0, 1]
+        return (x - self.mean) / self.std
+
+    def __call__(self, data: bytes) -> Decoded:
+        t0 = time.perf_counter()
+        img = self.decode(data)
+        t1 = time.perf_counter()
+        try:
+            x = self.preprocess(img)
+        except (OSError, ValueError) as e:  # e.g. an exotic mode Pillow cannot convert
+            raise InvalidImage() from e
+        return Decoded(x, t1 - t0, time.perf_counter() - t1)

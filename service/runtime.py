@@ -1,0 +1,187 @@
+"""The ONNX model: read its contract (inputs, outputs, metadata), open an onnxruntime session on the
+device the settings ask for, and run batches. No torch: the file is the only contract."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import ModelLoadError
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+REQUIRED_METADATA = ("labels", "input_size", "colour_mode", "mean", "std", "resize")
+CHANNELS = {"L": 1, "RGB": 3}
+RESIZE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the service needs to know about a model, all of it read from the ONNX file."""
+
+    name: str
+    version: str  # first 12 hex digits of the file's sha256: changes whenever the weights do
+    labels: list[str]
+    input_name: str
+    output_name: str  # the logits output; probabilities are computed by the service
+    input_size: tuple[int, int]  # (H, W)
+    colour_mode: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str
+    metadata: dict = field(default_factory=dict)  # everything in metadata_props, decoded
+
+    @property
+    def channels(self) -> int:
+        return CHANNELS[self.colour_mode]
+
+    @property
+    def input_shape(self) -> list[int]:
+        return [-1, self.channels, *self.input_size]
+
+
+def _decode_metadata(raw: dict[str, str]) -> dict:
+    out = {}
+    for key, value in raw.items():
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # metadata written by other tools may hold plain strings
+    return out
+
+
+def read_spec(session: ort.InferenceSession, path: Path, digest: str, name: str | None) -> ModelSpec:
+    meta = _decode_metadata(session.get_modelmeta().custom_metadata_map)
+    for key in REQUIRED_METADATA:
+        if key not in meta:
+            raise ModelLoadError(f"model metadata lacks required key {key!r} ({path})")
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ModelLoadError(f"model must have exactly one input, has {len(inputs)}")
+    inp = inputs[0]
+    if inp.type != "tensor(float)" or len(inp.shape) != 4:
+        raise ModelLoadError(f"model input must be a float32 N x C x H x W tensor, is {inp.type} {inp.shape}")
+    colour_mode = meta["colour_mode"]
+    if colour_mode not in CHANNELS:
+        raise ModelLoadError(f"metadata colour_mode must be one of {sorted(CHANNELS)}, is {colour_mode!r}")
+    if meta["resize"] not in RESIZE_FILTERS:
+        raise ModelLoadError(f"metadata resize must be one of {RESIZE_FILTERS}, is {meta['resize']!r}")
+    try:
+        h, w = (int(v) for v in meta["input_size"])
+        mean = tuple(float(v) for v in meta["mean"])
+        std = tuple(float(v) for v in meta["std"])
+        labels = [str(v) for v in meta["labels"]]
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"malformed preprocessing metadata: {e}") from e
+    channels = CHANNELS[colour_mode]
+    if len(mean) != channels or len(std) != channels or any(s <= 0 for s in std):
+        raise ModelLoadError(f"metadata mean/std need {channels} values (std > 0) for colour_mode {colour_mode}")
+    for axis, want in ((1, channels), (2, h), (3, w)):
+        have = inp.shape[axis]
+        if isinstance(have, int) and have != want:
+            raise ModelLoadError(f"model input axis {axis} is {have}, metadata says {want}")
+    outputs = {o.name: o for o in session.get_outputs()}
+    output = outputs.get("logits") or session.get_outputs()[0]
+    classes = output.shape[-1] if output.shape else None
+    if len(output.shape) != 2 or (isinstance(classes, int) and classes != len(labels)):
+        raise ModelLoadError(f"output {output.name!r} has shape {output.shape}, expected [N, {len(labels)}]")
+    return ModelSpec(
+        name=name or str(meta.get("name") or path.stem),
+        version=digest[:12],
+        labels=labels,
+        input_name=inp.name,
+        output_name=output.name,
+        input_size=(h, w),
+        colour_mode=colour_mode,
+        mean=mean,
+        std=std,
+        resize=meta["resize"],
+        metadata=meta,
+    )
+
+
+def _providers(settings: Settings) -> list:
+    cuda = (CUDA, {
+        "device_id": settings.cuda_device_id,
+        # EXHAUSTIVE benchmarks every conv algorithm on each new shape: first requests take seconds.
+        "cudnn_conv_algo_search": "HEURISTIC",
+        # Grow the arena by what is asked, not by doubling, so memory tracks the largest batch.
+        "arena_extend_strategy": "kSameAsRequested",
+    })
+    if settings.device == "cpu":
+        return [CPU]
+    if settings.device == "cuda":
+        return [cuda, CPU]
+    # auto: only ask for CUDA where this onnxruntime build has it; the session then says if it works.
+    return [cuda, CPU] if CUDA in ort.get_available_providers() else [CPU]
+
+
+class Model:
+    """One loaded model: its spec and its session. ``run`` is thread-safe (onnxruntime sessions are)."""
+
+    def __init__(self, spec: ModelSpec, session: ort.InferenceSession, path: Path) -> None:
+        self.spec, self.session, self.path = spec, session, path
+        self.provider = session.get_providers()[0]
+
+    @classmethod
+    def load(cls, settings: Settings) -> Model:
+        path = Path(settings.model_path)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError as e:
+            raise ModelLoadError(f"model file not found: {path}") from e
+        except OSError as e:
+            raise ModelLoadError(f"cannot read model file {path}: {e.strerror}") from e
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = settings.effective_intra_op_threads
+        options.inter_op_num_threads = 1
+        # Spinning threads burn the cores that decoding and the HTTP loop need between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        try:
+            session = ort.InferenceSession(blob, sess_options=options, providers=_providers(settings))
+        except Exception as e:  # onnxruntime raises its own exception types for corrupt or unsupported files
+            raise ModelLoadError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:300]}") from e
+        # Decide from what the session really uses, never from get_available_providers()/get_device(),
+        # which only tell what was compiled in: a CUDA build on a host without a working GPU falls back.
+        effective = session.get_providers()[0]
+        if settings.device == "cuda" and effective != CUDA:
+            raise ModelLoadError(
+                f"DEVICE=cuda but the CUDA execution provider is not active (session uses {effective}; "
+                f"this onnxruntime offers {ort.get_available_providers()})"
+            )
+        spec = read_spec(session, path, hashlib.sha256(blob).hexdigest(), settings.model_name)
+        model = cls(spec, session, path)
+        log.info("loaded %s version %s from %s on %s", spec.name, spec.version, path, effective)
+        return model
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """x: (N, C, H, W) float32 -> logits (N, classes) float32."""
+        return self.session.run([self.spec.output_name], {self.spec.input_name: x})[0]
+
+    def warm_up(self, max_batch_size: int) -> None:
+        """Run every batch size the batcher can send, so the first real request meets no cold path
+        (allocations, and on CUDA, cuDNN's per-shape algorithm choice)."""
+        h, w = self.spec.input_size
+        for n in range(1, max_batch_size + 1):
+            out = self.run(np.zeros((n, self.spec.channels, h, w), np.float32))
+            if out.shape != (n, len(self.spec.labels)) or not np.isfinite(out).all():
+                raise ModelLoadError(f"warm-up at batch {n} gave shape {out.shape} or non-finite logits")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, shifted by the row max so exp never overflows."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)

@@ -1,0 +1,74 @@
+"""The service's one settings class. Built explicitly (``Settings()`` reads ``RESNET_*`` variables);
+nothing reads the environment at import time."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default.onnx"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (cgroup/affinity aware where the OS says so)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RESNET_", env_file=None, extra="ignore")
+
+    # model
+    model_path: Path = Field(DEFAULT_MODEL, description="ONNX file to serve; everything else is read from it")
+    model_name: str | None = Field(None, description="name in responses and URLs (default: the file's metadata)")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: CUDA if it really works, else CPU; cuda: never ready without CUDA; cpu"
+    )
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads per inference (0 = usable cores)")
+    cuda_device_id: int = Field(0, ge=0)
+    # HTTP server
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes, each with its own session")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")
+    # limits
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="request body limit, enforced while reading")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="width x height limit, checked before decoding")
+    max_batch_images: int = Field(64, ge=1, description="image parts accepted in one multipart request")
+    # batching and backpressure
+    max_batch_size: int = Field(32, ge=1, le=4096, description="images in one session.run")
+    max_batch_delay_ms: float = Field(2.0, ge=0, description="longest wait for more images to fill a batch")
+    max_queue: int = Field(512, ge=1, description="images waiting for inference before 429")
+    request_timeout_ms: float = Field(10_000, gt=0, description="per-request deadline (504 past it)")
+    decode_threads: int = Field(0, ge=0, description="threads decoding images (0 = usable cores)")
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_path_is_a_file_path(cls, v: Path) -> Path:
+        if str(v).strip() == "":
+            raise ValueError("model_path must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _limits_fit_together(self) -> Settings:
+        if self.max_queue < self.max_batch_images:
+            raise ValueError(
+                f"max_queue ({self.max_queue}) must be at least max_batch_images ({self.max_batch_images}), "
+                "or a full-size request could never be admitted"
+            )
+        return self
+
+    @property
+    def effective_intra_op_threads(self) -> int:
+        return self.intra_op_threads or usable_cores()
+
+    @property
+    def effective_decode_threads(self) -> int:
+        return self.decode_threads or usable_cores()

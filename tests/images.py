@@ -1,0 +1,86 @@
+"""Real test images: scikit-learn digits rendered exactly as the default model was trained on them,
+then saved in every format the service accepts."""
+
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+from model.data import load_digits_data
+
+
+@lru_cache(maxsize=1)
+def validation_digits() -> tuple[list[Image.Image], list[int]]:
+    """The default model's validation images at 32x32 (8-bit, white ink on black) and their labels."""
+    bundle = load_digits_data(32, 0.2, 0, "bilinear")
+    pixels, labels = bundle.val.tensors
+    return [Image.fromarray(p[0].numpy(), "L") for p in pixels], labels.tolist()
+
+
+def one_per_class() -> list[tuple[Image.Image, int]]:
+    images, labels = validation_digits()
+    seen: dict[int, Image.Image] = {}
+    for img, y in zip(images, labels, strict=True):
+        seen.setdefault(y, img)
+    return [(seen[y], y) for y in sorted(seen)]
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def as_png16(img: Image.Image) -> bytes:
+    arr = np.asarray(img, dtype=np.uint16) * 257  # 0..255 -> 0..65535
+    return encode(Image.fromarray(arr), "PNG")
+
+
+def as_rgba_png(img: Image.Image) -> bytes:
+    """Ink opaque white, background fully transparent: flattened onto black it is the digit again."""
+    arr = np.asarray(img)
+    rgba = np.stack([np.full_like(arr, 255)] * 3 + [arr], axis=-1)
+    return encode(Image.fromarray(rgba, "RGBA"), "PNG")
+
+
+def as_animated_gif(img: Image.Image) -> bytes:
+    blank = Image.new("L", img.size, 0)
+    return encode(img.convert("P"), "GIF", save_all=True, append_images=[blank.convert("P")], duration=100)
+
+
+def as_exif_rotated_jpeg(img: Image.Image) -> bytes:
+    """Stored rotated 90 degrees, with the EXIF orientation that tells a viewer to turn it back."""
+    stored = img.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: rotate 90 CW to display, undoing the CCW rotation above
+    return encode(stored, "JPEG", quality=98, exif=exif)
+
+
+FORMATS = {
+    "png": lambda img: encode(img, "PNG"),
+    "png-16bit": as_png16,
+    "png-palette": lambda img: encode(img.convert("P"), "PNG"),
+    "png-rgba-transparent": as_rgba_png,
+    "jpeg": lambda img: encode(img, "JPEG", quality=98),
+    "jpeg-rgb": lambda img: encode(img.convert("RGB"), "JPEG", quality=98),
+    "jpeg-exif-rotated": as_exif_rotated_jpeg,
+    "gif-animated": as_animated_gif,
+    "webp-lossless": lambda img: encode(img, "WEBP", lossless=True),
+    "bmp": lambda img: encode(img, "BMP"),
+    "tiff": lambda img: encode(img, "TIFF"),
+}
+
+
+def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A few hundred bytes whose header declares width x height pixels (IHDR patched, CRC fixed)."""
+    import struct
+    import zlib
+
+    raw = encode(Image.new("L", (1, 1)), "PNG")
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    patched = struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return raw[:8] + patched + raw[8 + 25:]

@@ -1,0 +1,55 @@
+"""The service re-implements the model's evaluation preprocessing without torch: hold them equal."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.preprocessing import Preprocessing
+from service.preprocessing import Preprocessor
+from service.runtime import ModelSpec
+from tests.images import FORMATS, encode, one_per_class
+
+
+def spec_for(pre: Preprocessing) -> ModelSpec:
+    return ModelSpec(name="t", version="0" * 12, labels=[str(i) for i in range(10)], input_name="input",
+                     output_name="logits", input_size=pre.input_size, colour_mode=pre.colour_mode, mean=pre.mean,
+                     std=pre.std, resize=pre.resize)
+
+
+def photo(w: int, h: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(w * h)
+    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    arr[: h // 2] //= 3  # some structure, so resizing has something to average
+    return Image.fromarray(arr, "RGB").convert(mode)
+
+
+CASES = {
+    **{f"digit-{name}": (lambda f=f: f(one_per_class()[7][0])) for name, f in FORMATS.items()},
+    "rgb-jpeg-60x45": lambda: encode(photo(60, 45), "JPEG", quality=90),
+    "rgba-png-50x70": lambda: encode(photo(50, 70, "RGBA"), "PNG"),
+    "cmyk-jpeg": lambda: encode(photo(40, 40, "CMYK"), "JPEG"),
+    "1x1-png": lambda: encode(photo(1, 1), "PNG"),
+    "1x200-png": lambda: encode(photo(1, 200), "PNG"),
+}
+
+
+@pytest.mark.parametrize(
+    "pre",
+    [
+        pytest.param(Preprocessing((32, 32), "L", (0.30566,), (0.323522,), "bilinear"), id="digits-L-bilinear"),
+        pytest.param(Preprocessing((24, 40), "RGB", (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), "bicubic"),
+                     id="rgb-bicubic"),
+    ],
+)
+@pytest.mark.parametrize("case", list(CASES))
+def test_service_preprocessing_equals_model_eval_transform(pre, case):
+    data = CASES[case]()
+    want = pre(Image.open(io.BytesIO(data))).numpy()
+    service = Preprocessor(spec_for(pre), max_pixels=10**8)
+    got = service(data).x
+    assert got.shape == want.shape == (pre.channels, *pre.input_size)
+    assert np.abs(got - want).max() <= 1e-6

@@ -1,0 +1,390 @@
+"""The service end to end, through HTTP, on the committed default model and real onnxruntime sessions."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.runtime import Model
+from service.settings import Settings
+from tests.conftest import ROOT
+from tests.images import FORMATS, bomb_png, encode, one_per_class, validation_digits
+
+
+def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get("/health/ready")
+        if r.status_code == 200:
+            return
+        if r.json()["status"] == "failed":
+            raise AssertionError(f"model failed to load: {r.text}")
+        time.sleep(0.02)
+    raise AssertionError("service did not become ready")
+
+
+def serve(settings: Settings, **kwargs) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, **kwargs), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def settings(default_model) -> Settings:
+    return Settings(model_path=default_model, max_batch_size=8, max_upload_bytes=200_000, max_image_pixels=10_000_000,
+                    max_batch_images=16)
+
+
+@pytest.fixture(scope="module")
+def client(settings) -> Iterator[TestClient]:
+    for c in serve(settings):
+        wait_ready(c)
+        yield c
+
+
+def png(img: Image.Image) -> bytes:
+    return encode(img, "PNG")
+
+
+# --- happy paths --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_predict_classifies_digit_in_every_format(client, fmt):
+    for img, label in one_per_class():
+        data = FORMATS[fmt](img)
+        r = client.post("/predict", content=data, headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 200, r.text
+        top = r.json()["predictions"][0]["top_k"][0]
+        assert top["label"] == str(label), (fmt, label, r.text)
+
+
+def test_predict_raw_body_as_curl_sends_it(client):
+    img, label = one_per_class()[3]
+    # curl --data-binary @x.png sends this content type unless told otherwise
+    r = client.post("/predict", content=png(img), headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0]["top_k"][0]["label"] == str(label)
+
+
+def test_predict_response_has_probabilities_topk_and_model(client, default_model):
+    img, label = one_per_class()[5]
+    r = client.post("/predict?top_k=3", content=png(img), headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["name"] == "default" and len(body["model"]["version"]) == 12
+    assert body["provider"] == "CPUExecutionProvider"
+    assert r.headers["x-inference-provider"] == "CPUExecutionProvider"
+    assert r.headers["x-model-version"] == body["model"]["version"]
+    assert {p.split(";")[0] for p in r.headers["server-timing"].split(", ")} == {
+        "decode", "preprocess", "queue", "infer", "total"}
+    (pred,) = body["predictions"]
+    probs = np.array(pred["probabilities"])
+    assert probs.shape == (10,) and abs(probs.sum() - 1) < 1e-5
+    assert [t["index"] for t in pred["top_k"]] == list(np.argsort(-probs)[:3])
+    assert [t["probability"] for t in pred["top_k"]] == sorted((t["probability"] for t in pred["top_k"]), reverse=True)
+    assert pred["top_k"][0] == {"label": str(label), "index": label, "probability": probs[label]}
+
+
+def test_predict_probabilities_equal_softmax_of_direct_session(client, default_model, settings):
+    img, _ = one_per_class()[8]
+    r = client.post("/predict", content=png(img), headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    model = Model.load(settings)
+    from service.preprocessing import Preprocessor
+
+    x = Preprocessor(model.spec, 10**7)(png(img)).x[None]
+    session = ort.InferenceSession(default_model, providers=["CPUExecutionProvider"])
+    want = session.run(["probabilities"], {"input": x})[0][0]
+    np.testing.assert_allclose(r.json()["predictions"][0]["probabilities"], want, atol=1e-6)
+
+
+def test_predict_multipart_batch_answers_in_order(client):
+    pairs = one_per_class()
+    files = [("files", (f"{y}.png", png(img), "image/png")) for img, y in reversed(pairs)]
+    r = client.post("/predict?top_k=1", files=files)
+    assert r.status_code == 200, r.text
+    labels = [p["top_k"][0]["label"] for p in r.json()["predictions"]]
+    assert labels == [str(y) for _, y in reversed(pairs)]
+
+
+def test_predict_top_k_capped_at_class_count(client):
+    img, _ = one_per_class()[0]
+    r = client.post("/predict?top_k=50", content=png(img), headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"][0]["top_k"]) == 10
+
+
+def test_predict_accuracy_on_validation_pngs(client):
+    images, labels = validation_digits()
+    files = [("files", (f"{i}.png", png(img), "image/png")) for i, img in enumerate(images[:16])]
+    r = client.post("/predict?top_k=1", files=files)
+    assert r.status_code == 200, r.text
+    got = [int(p["top_k"][0]["label"]) for p in r.json()["predictions"]]
+    assert sum(g == y for g, y in zip(got, labels[:16], strict=True)) >= 15, got
+
+
+def test_predict_large_jpeg_decodes_at_reduced_scale(client, settings):
+    img, label = one_per_class()[2]
+    big = img.resize((1600, 1600), Image.Resampling.BILINEAR).convert("RGB")
+    data = encode(big, "JPEG", quality=75)
+    r = client.post("/predict", content=data, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0]["top_k"][0]["label"] == str(label)
+    from service.preprocessing import Preprocessor
+
+    decoded = Preprocessor(Model.load(settings).spec, 10**8).decode(data)
+    assert decoded.size == (200, 200)  # 1/8 scale via JPEG draft mode, still >= 32x32
+
+
+# --- bad input: a clear 4xx, never a 500 --------------------------------------------------------
+
+
+def truncated_png() -> bytes:
+    data = png(one_per_class()[0][0].resize((64, 64)))
+    return data[: len(data) // 2]
+
+
+def multipart(n: int) -> dict:
+    return {"files": [("files", (f"{i}.png", png(one_per_class()[0][0]), "image/png")) for i in range(n)]}
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status", "detail"),
+    [
+        pytest.param({"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty body", id="empty-body"),
+        pytest.param({"content": b"not an image at all", "headers": {"content-type": "image/png"}}, 400,
+                     "could not decode image", id="garbage-bytes"),
+        pytest.param({"content": truncated_png(), "headers": {"content-type": "image/png"}}, 400,
+                     "could not decode image", id="truncated-png"),
+        pytest.param({"content": b"%!PS-Adobe-3.0 EPSF-3.0\n", "headers": {"content-type": "image/x-eps"}}, 400,
+                     "could not decode image", id="eps-not-allowed"),
+        pytest.param({"json": {"image": "abc"}}, 415,
+                     "unsupported content type: send image/*, application/octet-stream or multipart/form-data",
+                     id="json"),
+        pytest.param({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415,
+                     "unsupported content type: send image/*, application/octet-stream or multipart/form-data",
+                     id="text"),
+        pytest.param({"content": b"\0" * 200_001, "headers": {"content-type": "image/png"}}, 413, "body too large",
+                     id="body-over-limit"),
+        pytest.param({"content": bomb_png(), "headers": {"content-type": "image/png"}}, 413,
+                     "image has too many pixels", id="decompression-bomb"),
+        pytest.param({"content": bomb_png(4000, 3000), "headers": {"content-type": "image/png"}}, 413,
+                     "image has too many pixels", id="over-pixel-setting"),
+        pytest.param(multipart(17), 413, "too many images in one request", id="too-many-files"),
+        # curl --data-binary sends urlencoded; such a body is taken as image bytes, so form fields fail to decode
+        pytest.param({"data": {"note": "no file"}}, 400, "could not decode image", id="urlencoded-form-fields"),
+        pytest.param({"content": b"--x\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nv\r\n--x--\r\n",
+                      "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400,
+                     "multipart body has no file parts", id="multipart-without-files"),
+    ],
+)
+def test_predict_bad_input_gets_clear_4xx(client, request_kwargs, status, detail):
+    r = client.post("/predict", **request_kwargs)
+    assert r.status_code == status, r.text
+    assert r.json() == {"detail": detail}
+    ok = client.post("/predict", content=png(one_per_class()[1][0]), headers={"content-type": "image/png"})
+    assert ok.status_code == 200, ok.text  # and the service keeps serving
+
+
+@pytest.mark.parametrize(
+    ("query", "detail"),
+    [
+        pytest.param("top_k=0", "invalid top_k: Input should be greater than or equal to 1", id="zero"),
+        pytest.param("top_k=abc", "invalid top_k: Input should be a valid integer, unable to parse string as an "
+                                  "integer", id="not-int"),
+    ],
+)
+def test_predict_bad_top_k_gets_422(client, query, detail):
+    r = client.post(f"/predict?{query}", content=png(one_per_class()[1][0]), headers={"content-type": "image/png"})
+    assert r.status_code == 422, r.text
+    assert r.json() == {"detail": detail}
+
+
+# --- server states ------------------------------------------------------------------------------
+
+
+class TestBeforeReady:
+    def test_predict_and_ready_503_live_200_while_loading(self, settings):
+        gate = threading.Event()
+
+        def slow_load(s: Settings) -> Model:
+            gate.wait(30)
+            return Model.load(s)
+
+        for c in serve(settings, load_model=slow_load):
+            r = c.get("/health/ready")
+            assert r.status_code == 503, r.text
+            assert r.json() == {"status": "loading", "detail": "model is loading"}
+            assert c.get("/health/live").status_code == 200
+            r = c.post("/predict", content=png(one_per_class()[0][0]), headers={"content-type": "image/png"})
+            assert r.status_code == 503, r.text
+            assert r.json() == {"detail": "model not ready"}
+            assert c.get("/model").status_code == 503
+            gate.set()
+            wait_ready(c)
+            r = c.post("/predict", content=png(one_per_class()[0][0]), headers={"content-type": "image/png"})
+            assert r.status_code == 200, r.text
+
+
+def corrupt_model(tmp_path) -> str:
+    p = tmp_path / "corrupt.onnx"
+    p.write_bytes(np.random.default_rng(0).bytes(4096))
+    return str(p)
+
+
+def model_without_labels(tmp_path, default_model) -> str:
+    import onnx
+
+    proto = onnx.load(default_model)
+    kept = [p for p in proto.metadata_props if p.key != "labels"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    p = tmp_path / "nolabels.onnx"
+    onnx.save(proto, p)
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    ("make_settings", "reason"),
+    [
+        pytest.param(lambda tmp, m: {"model_path": tmp / "missing.onnx"}, "model file not found", id="missing-file"),
+        pytest.param(lambda tmp, m: {"model_path": corrupt_model(tmp)}, "onnxruntime cannot load", id="corrupt"),
+        pytest.param(lambda tmp, m: {"model_path": model_without_labels(tmp, m)},
+                     "model metadata lacks required key 'labels'", id="no-labels-metadata"),
+        pytest.param(lambda tmp, m: {"model_path": m, "device": "cuda"},
+                     "DEVICE=cuda but the CUDA execution provider is not active", id="cuda-without-gpu"),
+    ],
+)
+def test_failed_load_never_ready_and_says_why(tmp_path, default_model, make_settings, reason):
+    if "cuda" in reason and "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this host has a CUDA-enabled onnxruntime; the refusal path needs one without")
+    s = Settings(**make_settings(tmp_path, default_model))
+    for c in serve(s):
+        deadline = time.monotonic() + 30
+        while c.get("/health/ready").json()["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = c.get("/health/ready")
+        assert r.status_code == 503, r.text
+        assert r.json()["status"] == "failed" and reason in r.json()["detail"], r.text
+        assert c.get("/health/live").status_code == 200
+        r = c.post("/predict", content=png(one_per_class()[0][0]), headers={"content-type": "image/png"})
+        assert r.status_code == 503, r.text
+        assert r.json() == {"detail": "model not ready"}
+
+
+def test_unexpected_failure_gives_500_with_logged_error_id_then_serves(settings, caplog):
+    class FailsOnce(Model):
+        failures = 0
+
+        def run(self, x):
+            if x.shape[0] == 1 and FailsOnce.failures == 0 and getattr(self, "warm", False):
+                FailsOnce.failures += 1
+                raise RuntimeError("injected onnxruntime failure")
+            return super().run(x)
+
+    def load(s: Settings) -> Model:
+        m = Model.load(s)
+        m.__class__ = FailsOnce
+        return m
+
+    for c in serve(settings, load_model=load):
+        wait_ready(c)
+        c.app.state.service.serving.model.warm = True
+        with caplog.at_level(logging.ERROR, logger="service"):
+            r = c.post("/predict", content=png(one_per_class()[0][0]), headers={"content-type": "image/png"})
+        assert r.status_code == 500, r.text
+        error_id = r.json()["error_id"]
+        assert r.json() == {"detail": "inference failed", "error_id": error_id}
+        assert any(error_id in rec.getMessage() for rec in caplog.records)
+        r = c.post("/predict", content=png(one_per_class()[0][0]), headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+
+
+# --- metadata, health, metrics, OpenAPI ---------------------------------------------------------
+
+
+def test_model_card_describes_model(client):
+    r = client.get("/model")
+    assert r.status_code == 200, r.text
+    card = r.json()
+    assert card["labels"] == [str(i) for i in range(10)]
+    assert card["input_shape"] == [-1, 1, 32, 32] and card["input_name"] == "input"
+    assert card["preprocessing"]["colour_mode"] == "L" and card["provider"] == "CPUExecutionProvider"
+    assert card["arch"] == "resnet20" and card["val_accuracy"] >= 0.99
+
+
+def test_health_endpoints_answer_when_ready(client):
+    assert client.get("/health/live").json() == {"status": "alive", "detail": None}
+    assert client.get("/health/ready").json() == {"status": "ready", "detail": None}
+
+
+def test_metrics_exposes_stages_and_model_info(client):
+    client.post("/predict", content=png(one_per_class()[0][0]), headers={"content-type": "image/png"})
+    text = client.get("/metrics").text
+    for name in ("predict_decode_seconds_bucket", "predict_preprocess_seconds_bucket", "predict_queue_wait_seconds",
+                 "predict_inference_seconds", "predict_batch_size_bucket", "predict_queue_depth",
+                 'http_requests_total{method="POST",route="/predict",status="200"}'):
+        assert name in text, name
+    assert 'model_info{name="default",provider="CPUExecutionProvider"' in text
+
+
+def test_openapi_documents_predict(client):
+    spec = client.get("/openapi.json").json()
+    op = spec["paths"]["/predict"]["post"]
+    assert {"image/*", "application/octet-stream", "multipart/form-data"} <= set(op["requestBody"]["content"])
+    assert "PredictResponse" in json.dumps(op["responses"]["200"])
+
+
+def test_service_never_imports_torch(default_model):
+    code = f"""
+import sys
+from fastapi.testclient import TestClient
+from PIL import Image
+import io, time
+from service.app import create_app
+from service.settings import Settings
+buf = io.BytesIO(); Image.new('L', (32, 32)).save(buf, 'PNG')
+with TestClient(create_app(Settings(model_path={str(default_model)!r}))) as c:
+    while c.get('/health/ready').status_code != 200: time.sleep(0.05)
+    assert c.post('/predict', content=buf.getvalue(), headers={{'content-type': 'image/png'}}).status_code == 200
+print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        pytest.param({"RESNET_DEVICE": "tpu"}, "device", id="bad-device"),
+        pytest.param({"RESNET_MAX_QUEUE": "4", "RESNET_MAX_BATCH_IMAGES": "8"}, "max_queue", id="queue-too-small"),
+        pytest.param({"RESNET_PORT": "70000"}, "port", id="bad-port"),
+    ],
+)
+def test_settings_refuse_unsafe_values(monkeypatch, env, message):
+    from pydantic import ValidationError
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValidationError, match=message):
+        Settings()
+
+
+def test_image_fixture_is_a_real_digit():
+    img, label = one_per_class()[4]
+    assert img.size == (32, 32) and label == 4 and np.asarray(img).max() > 128
+    assert Image.open(io.BytesIO(png(img))).size == (32, 32)
