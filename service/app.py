@@ -1,5 +1,5 @@
-"""The HTTP edge: ``create_app(settings)`` builds the FastAPI app; routes stay thin and call the core
-(read -> decode/preprocess -> micro-batched inference -> postprocess)."""
+"""The HTTP edge: ``create_app(settings)`` builds the FastAPI app. Routes stay thin: they read the
+request, call the core (``service.core``) and shape the answer."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
@@ -22,19 +20,16 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service import errors, metrics
-from service.batching import MicroBatcher, Result
+from service.batching import MicroBatcher
+from service.core import Classified, ServiceState, classify_images
 from service.errors import (
-    DeadlineExceeded,
     EmptyBody,
     InvalidMultipart,
-    ModelLoadError,
-    ModelNotReady,
     NoImages,
     PayloadTooLarge,
     TooManyImages,
     UnsupportedMediaType,
 )
-from service.preprocessing import Decoded, Preprocessor
 from service.runtime import Model, softmax
 from service.schemas import Error, Health, ModelCard, PredictResponse
 from service.settings import Settings
@@ -42,72 +37,6 @@ from service.settings import Settings
 log = logging.getLogger("service")
 
 RAW_TYPES = ("application/octet-stream", "application/x-www-form-urlencoded")  # the latter: curl --data-binary
-
-
-@dataclass(frozen=True)
-class Serving:
-    """A model and the preprocessing its file describes: swapped together, atomically."""
-
-    model: Model
-    preprocessor: Preprocessor
-
-
-class ServiceState:
-    """Everything the lifespan builds; routes reach it through ``get_state``."""
-
-    def __init__(self, settings: Settings, load_model: Callable[[Settings], Model]) -> None:
-        self.settings = settings
-        self.load_model = load_model
-        self.serving: Serving | None = None
-        self.status = "loading"
-        self.reason: str | None = "model is loading"
-        self.batcher: MicroBatcher | None = None
-        self.decode_pool = ThreadPoolExecutor(settings.effective_decode_threads, thread_name_prefix="decode")
-        self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
-
-    @property
-    def ready(self) -> bool:
-        return self.status == "ready"
-
-    def require_ready(self) -> Serving:
-        if not self.ready or self.serving is None:
-            raise ModelNotReady()
-        return self.serving
-
-    def begin_drain(self) -> None:
-        if self.status != "draining":
-            log.info("draining: readiness now 503, finishing accepted requests")
-        self.status, self.reason = "draining", "shutting down"
-
-    def _load_and_warm(self) -> Serving:
-        model = self.load_model(self.settings)
-        model.warm_up(self.settings.max_batch_size)
-        return Serving(model, Preprocessor(model.spec, self.settings.max_image_pixels))
-
-    async def load(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            serving = await loop.run_in_executor(self.infer_pool, self._load_and_warm)
-        except ModelLoadError as e:
-            self._fail(str(e))
-            return
-        except Exception as e:  # noqa: BLE001 - any failure must leave the service up and not ready
-            log.exception("model load failed unexpectedly")
-            self._fail(f"unexpected error while loading the model: {type(e).__name__}: {e}")
-            return
-        self.serving = serving
-        spec = serving.model.spec
-        metrics.MODEL_LOADS.labels("ok").inc()
-        metrics.MODEL_INFO.info({"name": spec.name, "version": spec.version, "provider": serving.model.provider})
-        if self.status == "loading":
-            self.status, self.reason = "ready", None
-            log.info("ready: %s %s on %s", spec.name, spec.version, serving.model.provider)
-
-    def _fail(self, reason: str) -> None:
-        metrics.MODEL_LOADS.labels("failed").inc()
-        log.error("model not served: %s", reason)
-        if self.status == "loading":
-            self.status, self.reason = "failed", reason
 
 
 def get_state(request: Request) -> ServiceState:
@@ -134,7 +63,7 @@ def _chain_drain_on_signals(state: ServiceState) -> None:
         signal.signal(sig, handler)
 
 
-# --- reading requests ---------------------------------------------------------------------------
+# --- reading requests and shaping answers ---------------------------------------------------------------------------
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -187,65 +116,10 @@ async def read_images(request: Request, settings: Settings) -> list[bytes]:
     return images
 
 
-# --- the core -----------------------------------------------------------------------------------
-
-
-async def classify(state: ServiceState, request: Request, images: list[bytes]) -> tuple[Serving, list[Decoded],
-                                                                                          list[Result]]:
-    """Decode off the event loop, then queue for a batch; bounded by the request deadline and
-    abandoned (queued work dropped) if the client goes away."""
-    serving = state.require_ready()
-    batcher = state.batcher
-    if batcher is None:
-        raise ModelNotReady()
-    loop = asyncio.get_running_loop()
-
-    async def work() -> tuple[list[Decoded], list[Result]]:
-        with batcher.reserve(len(images)) as reservation:
-            decoded = await asyncio.gather(
-                *(loop.run_in_executor(state.decode_pool, serving.preprocessor, data) for data in images)
-            )
-            results = await reservation.submit([d.x for d in decoded], serving.model)
-        return decoded, results
-
-    task = asyncio.ensure_future(work())
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait(
-            {task, watcher}, timeout=state.settings.request_timeout_ms / 1000, return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        watcher.cancel()
-    if task in done:
-        decoded, results = task.result()
-        return serving, decoded, results
-    task.cancel()
-    try:
-        await task  # let a queue reservation release and surface errors raised before the cut-off
-    except asyncio.CancelledError:
-        pass
-    if watcher in done:
-        raise ClientGone()
-    raise DeadlineExceeded()
-
-
-class ClientGone(errors.ServiceError):
-    status, detail = 499, "client closed request"  # nginx's code; nobody is left to read it
-
-
-async def _disconnected(request: Request) -> None:
-    """Resolves when the client disconnects (the body has been read, so the next message is that)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def build_response(serving: Serving, decoded: list[Decoded], results: list[Result], top_k: int,
-                   started: float) -> JSONResponse:
-    spec = serving.model.spec
-    model = results[0].model
-    probs = softmax(np.stack([r.logits for r in results]))  # (N, classes), float64
+def build_response(classified: Classified, top_k: int, started: float) -> JSONResponse:
+    model = classified.model
+    spec = model.spec
+    probs = softmax(classified.logits)  # (N, classes), float64
     k = min(top_k, len(spec.labels))
     predictions = []
     for p in probs:
@@ -256,19 +130,8 @@ def build_response(serving: Serving, decoded: list[Decoded], results: list[Resul
         })
     body = {"model": {"name": spec.name, "version": spec.version}, "provider": model.provider,
             "predictions": predictions}
-    decode_ms = sum(d.decode_s for d in decoded) * 1000
-    pre_ms = sum(d.preprocess_s for d in decoded) * 1000
-    queue_ms = max(r.queue_s for r in results) * 1000
-    infer_ms = max(r.infer_s for r in results) * 1000
-    total_ms = (time.perf_counter() - started) * 1000
-    for d in decoded:
-        metrics.DECODE.observe(d.decode_s)
-        metrics.PREPROCESS.observe(d.preprocess_s)
-    for r in results:
-        metrics.QUEUE_WAIT.observe(r.queue_s)
     headers = {
-        "Server-Timing": f"decode;dur={decode_ms:.3f}, preprocess;dur={pre_ms:.3f}, queue;dur={queue_ms:.3f}, "
-                         f"infer;dur={infer_ms:.3f}, total;dur={total_ms:.3f}",
+        "Server-Timing": classified.server_timing(started),
         "X-Model-Name": spec.name,
         "X-Model-Version": spec.version,
         "X-Inference-Provider": model.provider,
@@ -343,8 +206,8 @@ def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = 
         if len(images) > state.settings.max_batch_images:
             raise TooManyImages()
         metrics.QUEUE_DEPTH.set(state.batcher.depth if state.batcher else 0)
-        serving, decoded, results = await classify(state, request, images)
-        return build_response(serving, decoded, results, top_k, started)
+        classified = await classify_images(state, request, images)
+        return build_response(classified, top_k, started)
 
     @app.get("/health/live", response_model=Health)
     async def live() -> Health:

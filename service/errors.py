@@ -72,6 +72,10 @@ class DeadlineExceeded(ServiceError):
     status, detail = 504, "request timed out"
 
 
+class ClientGone(ServiceError):
+    status, detail = 499, "client closed request"  # nginx's code; nobody is left to read it
+
+
 class InferenceFailed(ServiceError):
     status, detail = 500, "inference failed"
 

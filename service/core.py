@@ -1,0 +1,191 @@
+"""The protocol-neutral core: model state and its lifecycle, and classification (decode ->
+preprocess -> micro-batched inference) with deadlines and disconnect handling. HTTP routes, of
+any protocol, are thin doors into this."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+
+from service import metrics
+from service.batching import MicroBatcher, Result
+from service.errors import ClientGone, DeadlineExceeded, ModelLoadError, ModelNotReady
+from service.preprocessing import Decoded, Preprocessor
+from service.runtime import Model
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A model and the preprocessing its file describes: swapped together, atomically."""
+
+    model: Model
+    preprocessor: Preprocessor
+
+
+class ServiceState:
+    """Everything the lifespan builds; routes reach it through ``get_state``."""
+
+    def __init__(self, settings: Settings, load_model: Callable[[Settings], Model]) -> None:
+        self.settings = settings
+        self.load_model = load_model
+        self.serving: Serving | None = None
+        self.status = "loading"
+        self.reason: str | None = "model is loading"
+        self.batcher: MicroBatcher | None = None
+        self.decode_pool = ThreadPoolExecutor(settings.effective_decode_threads, thread_name_prefix="decode")
+        self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+    def require_ready(self) -> Serving:
+        if not self.ready or self.serving is None:
+            raise ModelNotReady()
+        return self.serving
+
+    def require_batcher(self) -> MicroBatcher:
+        if self.batcher is None:
+            raise ModelNotReady()
+        return self.batcher
+
+    def begin_drain(self) -> None:
+        if self.status != "draining":
+            log.info("draining: readiness now 503, finishing accepted requests")
+        self.status, self.reason = "draining", "shutting down"
+
+    def _load_and_warm(self) -> Serving:
+        model = self.load_model(self.settings)
+        model.warm_up(self.settings.max_batch_size)
+        return Serving(model, Preprocessor(model.spec, self.settings.max_image_pixels))
+
+    async def load(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            serving = await loop.run_in_executor(self.infer_pool, self._load_and_warm)
+        except ModelLoadError as e:
+            self._fail(str(e))
+            return
+        except Exception as e:  # noqa: BLE001 - any failure must leave the service up and not ready
+            log.exception("model load failed unexpectedly")
+            self._fail(f"unexpected error while loading the model: {type(e).__name__}: {e}")
+            return
+        self.serving = serving
+        spec = serving.model.spec
+        metrics.MODEL_LOADS.labels("ok").inc()
+        metrics.MODEL_INFO.info({"name": spec.name, "version": spec.version, "provider": serving.model.provider})
+        if self.status == "loading":
+            self.status, self.reason = "ready", None
+            log.info("ready: %s %s on %s", spec.name, spec.version, serving.model.provider)
+
+    def _fail(self, reason: str) -> None:
+        metrics.MODEL_LOADS.labels("failed").inc()
+        log.error("model not served: %s", reason)
+        if self.status == "loading":
+            self.status, self.reason = "failed", reason
+
+
+@dataclass
+class Classified:
+    decoded: list[Decoded]  # empty when the client sent tensors
+    results: list[Result]  # one per image, in request order
+
+    @property
+    def model(self) -> Model:
+        """The model that answered (a reload between two requests' batches can change it)."""
+        return self.results[0].model
+
+    @property
+    def logits(self) -> np.ndarray:
+        return np.stack([r.logits for r in self.results])  # (N, classes) float32
+
+    def observe(self) -> None:
+        for d in self.decoded:
+            metrics.DECODE.observe(d.decode_s)
+            metrics.PREPROCESS.observe(d.preprocess_s)
+        for r in self.results:
+            metrics.QUEUE_WAIT.observe(r.queue_s)
+
+    def server_timing(self, started: float) -> str:
+        """The stages as a Server-Timing header (ms): decode and preprocess summed over images."""
+        decode = sum(d.decode_s for d in self.decoded) * 1000
+        pre = sum(d.preprocess_s for d in self.decoded) * 1000
+        queue = max(r.queue_s for r in self.results) * 1000
+        infer = max(r.infer_s for r in self.results) * 1000
+        total = (time.perf_counter() - started) * 1000
+        return (f"decode;dur={decode:.3f}, preprocess;dur={pre:.3f}, queue;dur={queue:.3f}, "
+                f"infer;dur={infer:.3f}, total;dur={total:.3f}")
+
+
+async def classify_images(state: ServiceState, request: Request, images: list[bytes]) -> Classified:
+    """Encoded images -> logits: decode and preprocess off the event loop, then micro-batched inference."""
+    serving, batcher = state.require_ready(), state.require_batcher()
+    loop = asyncio.get_running_loop()
+
+    async def work() -> Classified:
+        with batcher.reserve(len(images)) as reservation:
+            decoded = await asyncio.gather(
+                *(loop.run_in_executor(state.decode_pool, serving.preprocessor, data) for data in images)
+            )
+            results = await reservation.submit([d.x for d in decoded], serving.model)
+        return Classified(decoded, results)
+
+    return await guarded(state, request, work())
+
+
+async def classify_tensors(state: ServiceState, request: Request, x: np.ndarray) -> Classified:
+    """Preprocessed input (N, C, H, W) float32 -> logits, through the same micro-batcher."""
+    serving, batcher = state.require_ready(), state.require_batcher()
+
+    async def work() -> Classified:
+        with batcher.reserve(len(x)) as reservation:
+            results = await reservation.submit(list(x), serving.model)
+        return Classified([], results)
+
+    return await guarded(state, request, work())
+
+
+async def guarded(state: ServiceState, request: Request, work: Coroutine[Any, Any, Classified]) -> Classified:
+    """Run ``work`` within the request deadline (504), and abandon it, dropping its queued images,
+    if the client goes away."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait(
+            {task, watcher}, timeout=state.settings.request_timeout_ms / 1000, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        watcher.cancel()
+    if task in done:
+        classified = task.result()
+        classified.observe()
+        return classified
+    task.cancel()
+    try:
+        await task  # let a queue reservation release and surface errors raised before the cut-off
+    except asyncio.CancelledError:
+        pass
+    if watcher in done:
+        raise ClientGone()
+    raise DeadlineExceeded()
+
+
+async def _disconnected(request: Request) -> None:
+    """Resolves when the client disconnects (the body has been read, so the next message is that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
