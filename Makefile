@@ -34,5 +34,10 @@ lint: $(VENV)/.dev
 model: $(VENV)/.dev
 	$(PY) -m model.train --data digits --arch resnet20 --epochs 30 --seed 0 --out runs/default --export models/default.onnx
 
+# Throughput: onnxruntime alone vs the naive app vs the service (batching off/on); needs wrk.
+bench: $(VENV)/.dev
+	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install wrk"; exit 1; }
+	$(PY) -m bench.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -87,12 +87,11 @@ def metadata(ckpt: dict, name: str) -> dict[str, object]:
     }
 
 
-def export(checkpoint: Path, out: Path, name: str | None = None, opset: int = 18) -> dict:
-    """Write the ONNX file, check it, and verify onnxruntime matches torch; returns the parity report."""
+def write_onnx(net: nn.Module, meta: dict, batch: torch.Tensor, out: Path, opset: int = 18) -> dict:
+    """Export ``net`` with its metadata to one checked file, then verify onnxruntime matches torch on
+    ``batch`` (N, C, H, W); returns the parity report."""
     import onnxruntime as ort
 
-    net, ckpt = load_checkpoint(Path(checkpoint))
-    batch = validation_batch(ckpt)
     wrapper = WithProbabilities(net).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -105,14 +104,14 @@ def export(checkpoint: Path, out: Path, name: str | None = None, opset: int = 18
     )
     proto = program.model_proto
     proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    for key, value in metadata(ckpt, name or out.stem).items():
+    for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
-    proto.doc_string = f"ResNet {ckpt['config']['arch']} trained on {ckpt['data']}; see metadata_props"
+    proto.doc_string = f"ResNet {meta.get('arch')} trained on {meta.get('data')}; see metadata_props"
     onnx.checker.check_model(proto, full_check=True)
     onnx.save_model(proto, out, save_as_external_data=False)
 
-    # parity: onnxruntime on the CPU vs torch, same real images
+    # parity: onnxruntime on the CPU vs torch, same inputs
     session = ort.InferenceSession(out.as_posix(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         want = wrapper(batch)[1].numpy()
@@ -124,6 +123,12 @@ def export(checkpoint: Path, out: Path, name: str | None = None, opset: int = 18
     report = {"out": str(out), "bytes": out.stat().st_size, "parity_max_abs_diff": diff, "parity_images": len(batch)}
     print(json.dumps(report))
     return report
+
+
+def export(checkpoint: Path, out: Path, name: str | None = None, opset: int = 18) -> dict:
+    """Export a training checkpoint, checking parity on a batch of its real validation images."""
+    net, ckpt = load_checkpoint(Path(checkpoint))
+    return write_onnx(net, metadata(ckpt, name or Path(out).stem), validation_batch(ckpt), Path(out), opset)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -169,7 +169,7 @@ def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = 
         _chain_drain_on_signals(state)
         batcher: MicroBatcher = MicroBatcher(
             lambda model, x: model.run(x), state.infer_pool, settings.max_batch_size,
-            settings.max_batch_delay_ms / 1000, settings.max_queue, metrics.observe_batch,
+            settings.max_batch_delay_ms / 1000, settings.max_queue, metrics.observe_batch, metrics.QUEUE_DEPTH.set,
         )
         batcher.start()
         state.batcher = batcher
@@ -205,7 +205,6 @@ def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = 
         images = await read_images(request, state.settings)
         if len(images) > state.settings.max_batch_images:
             raise TooManyImages()
-        metrics.QUEUE_DEPTH.set(state.batcher.depth if state.batcher else 0)
         classified = await classify_images(state, request, images)
         return build_response(classified, top_k, started)
 

@@ -83,10 +83,11 @@ class MicroBatcher(Generic[M]):
         max_delay_s: float,
         max_queue: int,
         on_batch: Callable[[int, float], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
     ) -> None:
         self.run, self.executor = run, executor
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
-        self.on_batch = on_batch
+        self.on_batch, self.on_depth = on_batch, on_depth
         self._queue: deque[_Item] = deque()
         self._incoming = 0  # images reserved and still being decoded
         self._wakeup = asyncio.Event()
@@ -162,6 +163,8 @@ class MicroBatcher(Generic[M]):
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._gather_batch()
+            if self.on_depth is not None:
+                self.on_depth(self.depth)
             if not batch:
                 continue
             model = batch[0].model

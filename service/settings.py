@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads per inference (0 = usable cores)")
     cuda_device_id: int = Field(0, ge=0)
+    io_binding: Literal["auto", "on", "off"] = Field(
+        "auto", description="onnxruntime IO binding (auto: on with CUDA, where it saves a copy per batch)"
+    )
     # HTTP server
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

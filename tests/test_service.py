@@ -388,3 +388,15 @@ def test_image_fixture_is_a_real_digit():
     img, label = one_per_class()[4]
     assert img.size == (32, 32) and label == 4 and np.asarray(img).max() > 128
     assert Image.open(io.BytesIO(png(img))).size == (32, 32)
+
+
+def test_io_binding_gives_same_probabilities(settings, client):
+    img, _ = one_per_class()[9]
+    want = client.post("/predict", content=png(img), headers={"content-type": "image/png"}).json()
+    for c in serve(settings.model_copy(update={"io_binding": "on"})):
+        wait_ready(c)
+        assert c.app.state.service.serving.model.io_binding is True
+        r = c.post("/predict", content=png(img), headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["predictions"][0]["probabilities"],
+                                   want["predictions"][0]["probabilities"], atol=1e-6)

@@ -1,0 +1,380 @@
+"""Throughput benchmark: onnxruntime alone vs the hand-written naive app vs our service with batching
+off (MAX_BATCH_SIZE=1) and on, side by side in one run, on this machine.
+
+    python -m bench.run                 # resnet20 (default model) and resnet50 at 224x224, 3 repeats
+    python -m bench.run --quick         # resnet20 only, 1 repeat, short cells
+
+Load comes from wrk (Debian package ``wrk``; C, so it leaves the server most of the CPU) on
+127.0.0.1. Writes ``results.json``, ``results.md`` and ``results.png`` to ``--out`` and prints the
+ratios the throughput targets are stated in. Figures are medians over repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+LUA = ROOT / "bench" / "post.lua"
+CONCURRENCY = (1, 8, 32, 64)
+PAYLOADS = ("png32", "jpeg640", "jpeg12mp", "multipart32")
+SERVERS = ("naive_app", "batching_off", "batching_on")
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+def photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A smooth image with texture, so JPEG sizes are those of photos rather than of noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([np.sin(xx / 37 + c) * np.cos(yy / 53 - c) for c in (0, 1, 2)], -1) * 100 + 128
+    noise = rng.normal(0, 12, (h // 8 + 1, w // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)[:h, :w]
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+def digit_png() -> bytes:
+    from sklearn.datasets import load_digits
+
+    pixels = np.rint(load_digits().images[7] * 255 / 16).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "L").resize((32, 32), Image.Resampling.BILINEAR).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_payloads(folder: Path) -> dict[str, tuple[Path, str, int]]:
+    """name -> (body file, content type, images per request)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    png = digit_png()
+    out = {}
+
+    def save(name: str, body: bytes, ctype: str, n: int) -> None:
+        (folder / name).write_bytes(body)
+        out[name] = (folder / name, ctype, n)
+
+    save("png32", png, "image/png", 1)
+    for name, (w, h) in {"jpeg640": (640, 480), "jpeg12mp": (4000, 3000)}.items():
+        buf = io.BytesIO()
+        photo(w, h).save(buf, "JPEG", quality=90)
+        save(name, buf.getvalue(), "image/jpeg", 1)
+    boundary = "benchboundary7d3f"
+    parts = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode() + png + b"\r\n" for i in range(32)
+    )
+    save("multipart32", parts + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}", 32)
+    return out
+
+
+def random_resnet50(path: Path) -> Path:
+    """resnet50 at 224x224 with random weights: timing needs the shapes, not the accuracy."""
+    if path.exists():
+        return path
+    import torch
+
+    from model.export import write_onnx
+    from model.resnet import build
+
+    torch.manual_seed(0)
+    net = build("resnet50", num_classes=1000).eval()
+    meta = {"name": "resnet50-random", "labels": [f"class{i}" for i in range(1000)], "input_size": [224, 224],
+            "colour_mode": "RGB", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": "bilinear",
+            "arch": "resnet50", "data": "none (random weights, for timing)", "val_accuracy": None}
+    write_onnx(net, meta, torch.randn(4, 3, 224, 224), path)
+    return path
+
+
+# --- onnxruntime alone --------------------------------------------------------------------------
+
+
+def ort_alone(model: Path, seconds: float) -> dict:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]
+    per_batch = {}
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        x = np.random.default_rng(0).standard_normal((n, *shape[1:])).astype(np.float32)
+        session.run(None, {"input": x})
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 7:
+            session.run(["logits"], {"input": x})
+            runs += 1
+        per_batch[n] = runs * n / (time.perf_counter() - start)
+    best = max(per_batch, key=per_batch.get)
+    return {"batch1_img_s": per_batch[1], "best_batch": best, "best_img_s": per_batch[best], "per_batch": per_batch}
+
+
+# --- servers and load ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_server(kind: str, model: Path, log: Path) -> Server:
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "RESNET_MODEL_PATH": str(model), "RESNET_HOST": "127.0.0.1", "RESNET_PORT": str(port),
+           "RESNET_LOG_LEVEL": "warning", "RESNET_MAX_UPLOAD_BYTES": str(50 * 2**20), "NAIVE_MODEL": str(model)}
+    if kind == "naive_app":
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", "bench.naive_app:create", "--host", "127.0.0.1",
+               "--port", str(port), "--log-level", "warning", "--no-access-log"]
+    else:
+        cmd = [sys.executable, "-m", "service"]
+        if kind == "batching_off":
+            env["RESNET_MAX_BATCH_SIZE"] = "1"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{kind} exited: {log.read_text()[-1500:]}")
+        try:
+            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
+                return Server(proc, url)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{kind} not ready in time")
+
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def parse_ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(f"unparsable wrk duration {text!r}")
+    return float(m.group(1)) * UNITS[m.group(2)]
+
+
+def wrk(url: str, body: Path, ctype: str, concurrency: int, seconds: float) -> dict:
+    timeout = "30s"
+    cmd = ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{seconds}s", "--timeout", timeout, "--latency",
+           "-s", str(LUA), url + "/predict", "--", str(body), ctype]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    out = proc.stdout
+    if "requests in" not in out:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {out[-800:]} {proc.stderr[-800:]}")
+    latency = dict(re.findall(r"^\s+(50|90|99)%\s+(\S+)$", out, re.M))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {
+        "req_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": parse_ms(latency["50"]) if latency else float("nan"),
+        "p99_ms": parse_ms(latency["99"]) if latency else float("nan"),
+        "requests": requests,
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": sum(int(v) for v in errors.groups()) if errors else 0,
+    }
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def median_cells(runs: list[dict]) -> dict:
+    """cells[model][server][payload][c] -> medians over repeats of req_s, img_s, p50, p99."""
+    out: dict = {}
+    for run in runs:
+        for (model, server, payload, c), cell in run["cells"].items():
+            out.setdefault(model, {}).setdefault(server, {}).setdefault(payload, {}).setdefault(c, []).append(cell)
+    for model in out.values():
+        for server in model.values():
+            for payload in server.values():
+                for c, cells in payload.items():
+                    payload[c] = {k: statistics.median(x[k] for x in cells) for k in cells[0]}
+    return out
+
+
+def targets(cells: dict, alone: dict) -> list[tuple[str, float, float, bool]]:
+    r20 = cells["resnet20"]
+    on, off, naive = r20["batching_on"], r20["batching_off"], r20["naive_app"]
+    rows = []
+
+    def add(name: str, value: float, goal: float, higher_is_better: bool = True) -> None:
+        rows.append((name, value, goal, value >= goal if higher_is_better else value <= goal))
+
+    if 32 in on["png32"]:
+        add("c=32 PNG req/s, on / off", on["png32"][32]["req_s"] / off["png32"][32]["req_s"], 2.0)
+        add("c=32 PNG req/s, on / naive app", on["png32"][32]["req_s"] / naive["png32"][32]["req_s"], 2.0)
+        add("c=32 PNG p99, on / off", on["png32"][32]["p99_ms"] / off["png32"][32]["p99_ms"], 0.5, False)
+        add("c=32 PNG p99, on / naive app", on["png32"][32]["p99_ms"] / naive["png32"][32]["p99_ms"], 0.5, False)
+    if 1 in on["png32"]:
+        add("c=1 PNG p50, on / off", on["png32"][1]["p50_ms"] / off["png32"][1]["p50_ms"], 1.3, False)
+        add("c=1 PNG p50, on / naive app", on["png32"][1]["p50_ms"] / naive["png32"][1]["p50_ms"], 1.3, False)
+    if 8 in on["jpeg12mp"]:
+        add("c=8 12MP JPEG req/s, on / off", on["jpeg12mp"][8]["req_s"] / off["jpeg12mp"][8]["req_s"], 3.0)
+        add("c=8 12MP JPEG req/s, on / naive app", on["jpeg12mp"][8]["req_s"] / naive["jpeg12mp"][8]["req_s"], 3.0)
+    best_mp = max(v["req_s"] * 32 for v in on["multipart32"].values())
+    add("multipart32 img/s, on / ORT best batch", best_mp / alone["resnet20"]["best_img_s"], 0.7)
+    return rows
+
+
+def markdown(cells: dict, alone: dict, rows: list, meta: dict) -> str:
+    lines = [f"Measured {meta['date']} on {meta['machine']}; {meta['repeats']} repeat(s), {meta['seconds']} s per "
+             f"cell, medians. Load: wrk, 1 thread, on 127.0.0.1.", ""]
+    for model, a in alone.items():
+        lines.append(f"- onnxruntime alone, {model}: batch 1 -> {a['batch1_img_s']:.0f} img/s; best (batch "
+                     f"{a['best_batch']}) -> {a['best_img_s']:.0f} img/s")
+    lines += ["", "| model | payload | c | " + " | ".join(f"{s} req/s (img/s) p50/p99 ms" for s in SERVERS) + " |",
+              "|---|---|---|" + "---|" * len(SERVERS)]
+    for model, servers in cells.items():
+        for payload in PAYLOADS:
+            for c in sorted(servers["batching_on"].get(payload, {})):
+                row = f"| {model} | {payload} | {c} |"
+                for s in SERVERS:
+                    x = servers.get(s, {}).get(payload, {}).get(c)
+                    if x is None:
+                        row += " - |"
+                        continue
+                    img = f" ({x['img_s']:.0f})" if payload == "multipart32" else ""
+                    row += f" {x['req_s']:.0f}{img} {x['p50_ms']:.1f}/{x['p99_ms']:.1f} |"
+                lines.append(row)
+    lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
+    lines += [f"| {name} | {value:.2f} | {'>=' if 'p' not in name.split()[1] else '<='} {goal} | "
+              f"{'yes' if ok else 'no'} |" for name, value, goal, ok in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(cells: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(cells)
+    fig, axes = plt.subplots(len(models) * 2, len(PAYLOADS), figsize=(4 * len(PAYLOADS), 6 * len(models)),
+                             squeeze=False)
+    styles = {"naive_app": ("tab:gray", ":"), "batching_off": ("tab:orange", "--"), "batching_on": ("tab:blue", "-")}
+    for i, model in enumerate(models):
+        for j, payload in enumerate(PAYLOADS):
+            top, bottom = axes[2 * i][j], axes[2 * i + 1][j]
+            for server, (colour, ls) in styles.items():
+                data = cells[model].get(server, {}).get(payload)
+                if not data:
+                    continue
+                cs = sorted(data)
+                top.plot(cs, [data[c]["img_s"] for c in cs], ls, color=colour, marker="o", label=server)
+                bottom.plot(cs, [data[c]["p50_ms"] for c in cs], ls, color=colour, marker="o")
+                bottom.plot(cs, [data[c]["p99_ms"] for c in cs], ls, color=colour, marker="x", alpha=0.5)
+            top.set_title(f"{model} {payload}")
+            top.set_ylabel("images/s")
+            bottom.set_ylabel("p50 (o) / p99 (x) ms")
+            bottom.set_yscale("log")
+            for ax in (top, bottom):
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("concurrency")
+                ax.grid(alpha=0.3)
+            top.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="resnet20 only, c=1 and 32, 1 repeat, 2 s cells")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4.0, help="wrk duration per cell")
+    parser.add_argument("--models", default="resnet20,resnet50")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is needed for the load: apt-get install wrk (Debian/Ubuntu) or brew install wrk")
+    concurrency, payloads = CONCURRENCY, PAYLOADS
+    models = args.models.split(",")
+    if args.quick:
+        args.repeats, args.seconds, models, concurrency = 1, 2.0, ["resnet20"], (1, 8, 32)
+    args.out.mkdir(parents=True, exist_ok=True)
+    inputs = write_payloads(args.out / "payloads")
+    model_files = {"resnet20": ROOT / "models" / "default.onnx"}
+    if "resnet50" in models:
+        model_files["resnet50"] = random_resnet50(args.out / "resnet50-random.onnx")
+    log = args.out / "servers.log"
+    log.write_text("")
+
+    alone = {m: ort_alone(model_files[m], 7.0 if not args.quick else 3.5) for m in models}
+    for m, a in alone.items():
+        print(f"onnxruntime alone {m}: batch 1 {a['batch1_img_s']:.0f} img/s, best batch {a['best_batch']} "
+              f"{a['best_img_s']:.0f} img/s", flush=True)
+    runs = []
+    for repeat in range(args.repeats):
+        cells = {}
+        for m in models:
+            # Big images at high concurrency on resnet50 take minutes per cell on 2 cores and tell nothing new.
+            for server in SERVERS:
+                srv = start_server(server, model_files[m], log)
+                try:
+                    for payload in payloads:
+                        body, ctype, n = inputs[payload]
+                        for c in concurrency:
+                            cell = wrk(srv.url, body, ctype, c, args.seconds)
+                            cell["img_s"] = cell["req_s"] * n
+                            cells[(m, server, payload, c)] = cell
+                            print(f"[{repeat + 1}/{args.repeats}] {m:8s} {server:12s} {payload:11s} c={c:<3d} "
+                                  f"{cell['req_s']:8.1f} req/s  p50 {cell['p50_ms']:8.2f} ms  p99 "
+                                  f"{cell['p99_ms']:8.2f} ms  non2xx {cell['non_2xx']}", flush=True)
+                finally:
+                    srv.stop()
+        runs.append({"cells": cells})
+
+    medians = median_cells(runs)
+    rows = targets(medians, alone)
+    meta = {"date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "seconds": args.seconds,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}, Python "
+                       f"{platform.python_version()}",
+            "command": "python -m bench.run " + " ".join(argv or sys.argv[1:])}
+    serialisable = [{"cells": [{"model": k[0], "server": k[1], "payload": k[2], "c": k[3], **v}
+                               for k, v in r["cells"].items()]} for r in runs]
+    (args.out / "results.json").write_text(json.dumps(
+        {"meta": meta, "onnxruntime_alone": alone, "runs": serialisable, "medians": medians,
+         "targets": [{"name": n, "value": v, "goal": g, "met": ok} for n, v, g, ok in rows]}, indent=1))
+    md = markdown(medians, alone, rows, meta)
+    (args.out / "results.md").write_text(md)
+    plot(medians, args.out / "results.png")
+    print(md)
+    print(f"wrote {args.out}/results.json, results.md, results.png")
+
+
+if __name__ == "__main__":
+    main()
