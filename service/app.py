@@ -20,9 +20,11 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service import errors, metrics
+from service.auth import Admin, Authorized
 from service.batching import MicroBatcher
 from service.core import Classified, ServiceState, classify_images
 from service.errors import (
+    BodyTimeout,
     EmptyBody,
     InvalidMultipart,
     NoImages,
@@ -31,7 +33,7 @@ from service.errors import (
     UnsupportedMediaType,
 )
 from service.runtime import Model, softmax
-from service.schemas import Error, Health, ModelCard, PredictResponse
+from service.schemas import Error, Health, ModelCard, ModelRef, PredictResponse, Reloaded
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -44,6 +46,28 @@ def get_state(request: Request) -> ServiceState:
 
 
 State = Annotated[ServiceState, Depends(get_state)]
+
+
+def _reload_on_sighup(state: ServiceState) -> Callable[[], None]:
+    """SIGHUP reloads the model from ``model_path`` (the usual daemon convention); returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+
+    async def reload() -> None:
+        try:
+            await state.reload()
+        except errors.ReloadFailed:
+            pass  # logged and counted by reload(); the old model keeps serving
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    return lambda: loop.remove_signal_handler(signal.SIGHUP)
 
 
 def _chain_drain_on_signals(state: ServiceState) -> None:
@@ -66,17 +90,23 @@ def _chain_drain_on_signals(state: ServiceState) -> None:
 # --- reading requests and shaping answers ---------------------------------------------------------------------------
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes ``limit`` (never buffered beyond it)."""
+async def read_body(request: Request, settings: Settings) -> bytes:
+    """The whole body: 413 as soon as it passes ``max_upload_bytes`` (never buffered beyond it), 408 if
+    it takes longer than ``body_timeout_s`` to arrive (a client trickling bytes holds no slot for long)."""
+    limit = settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge()
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge()
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge()
+                chunks.append(chunk)
+    except TimeoutError as e:
+        raise BodyTimeout() from e
     return b"".join(chunks)
 
 
@@ -86,7 +116,7 @@ async def read_images(request: Request, settings: Settings) -> list[bytes]:
     media = content_type.split(";", 1)[0].strip().lower()
     if media != "multipart/form-data" and not (media.startswith("image/") or media in RAW_TYPES):
         raise UnsupportedMediaType()
-    body = await read_body(request, settings.max_upload_bytes)
+    body = await read_body(request, settings)
     if not body:
         raise EmptyBody()
     if media != "multipart/form-data":
@@ -156,7 +186,7 @@ IMAGE_BODY = {
         },
     }
 }
-ERRORS = {code: {"model": Error} for code in (400, 413, 415, 422, 429, 503, 504)}
+ERRORS = {code: {"model": Error} for code in (400, 401, 408, 413, 415, 422, 429, 503, 504)}
 
 
 def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = Model.load) -> FastAPI:
@@ -167,6 +197,7 @@ def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = 
         state = ServiceState(settings, load_model)
         app.state.service = state
         _chain_drain_on_signals(state)
+        undo_sighup = _reload_on_sighup(state)
         batcher: MicroBatcher = MicroBatcher(
             lambda model, x: model.run(x), state.infer_pool, settings.max_batch_size,
             settings.max_batch_delay_ms / 1000, settings.max_queue, metrics.observe_batch, metrics.QUEUE_DEPTH.set,
@@ -178,6 +209,7 @@ def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = 
         try:
             yield
         finally:
+            undo_sighup()
             state.begin_drain()
             loader.cancel()
             await batcher.stop()
@@ -197,6 +229,7 @@ def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = 
     async def predict(
         request: Request,
         state: State,
+        _: Authorized,
         top_k: Annotated[int, Query(ge=1, le=1000, description="classes to list, capped at the class count")] = 5,
     ) -> Response:
         """Classify one image (raw body) or several (multipart file parts); probabilities per image."""
@@ -221,7 +254,7 @@ def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = 
         return JSONResponse({"status": state.status, "detail": state.reason}, status_code=503)
 
     @app.get("/model", response_model=ModelCard, responses={503: {"model": Error}})
-    async def model_card(state: State) -> ModelCard:
+    async def model_card(state: State, _: Authorized) -> ModelCard:
         """The served model: labels, input shape, preprocessing, provider, and its metadata."""
         serving = state.require_ready()
         spec, meta = serving.model.spec, serving.model.spec.metadata
@@ -233,6 +266,15 @@ def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = 
             provider=serving.model.provider, arch=meta.get("arch"), val_accuracy=meta.get("val_accuracy"),
             created_at=meta.get("created_at"), metadata=meta,
         )
+
+    @app.post("/admin/reload", response_model=Reloaded, responses={401: {"model": Error}, 403: {"model": Error},
+                                                                    409: {"model": Error}})
+    async def reload(state: State, _: Admin) -> Reloaded:
+        """Reload the model from the configured path; the old one serves until the new one is warm."""
+        serving = await state.reload()
+        spec = serving.model.spec
+        return Reloaded(status="reloaded", model=ModelRef(name=spec.name, version=spec.version),
+                        provider=serving.model.provider)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus(state: State) -> Response:

@@ -17,7 +17,7 @@ from fastapi import Request
 
 from service import metrics
 from service.batching import MicroBatcher, Result
-from service.errors import ClientGone, DeadlineExceeded, ModelLoadError, ModelNotReady
+from service.errors import ClientGone, DeadlineExceeded, ModelLoadError, ModelNotReady, ReloadFailed
 from service.preprocessing import Decoded, Preprocessor
 from service.runtime import Model
 from service.settings import Settings
@@ -45,6 +45,7 @@ class ServiceState:
         self.batcher: MicroBatcher | None = None
         self.decode_pool = ThreadPoolExecutor(settings.effective_decode_threads, thread_name_prefix="decode")
         self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
+        self._reload_lock = asyncio.Lock()
 
     @property
     def ready(self) -> bool:
@@ -88,6 +89,31 @@ class ServiceState:
         if self.status == "loading":
             self.status, self.reason = "ready", None
             log.info("ready: %s %s on %s", spec.name, spec.version, serving.model.provider)
+
+    async def reload(self) -> Serving:
+        """Load and warm the file at ``model_path`` beside the serving model, then swap atomically.
+        Requests already queued finish on the model they were preprocessed for. A bad file leaves the
+        old model serving."""
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            try:
+                serving = await loop.run_in_executor(None, self._load_and_warm)
+            except Exception as e:  # noqa: BLE001 - whatever broke, the old model keeps serving
+                metrics.MODEL_LOADS.labels("failed").inc()
+                log.error("reload failed, still serving %s: %s", self._version(), e)
+                raise ReloadFailed() from e
+            old = self._version()
+            self.serving = serving
+            spec = serving.model.spec
+            metrics.MODEL_LOADS.labels("ok").inc()
+            metrics.MODEL_INFO.info({"name": spec.name, "version": spec.version, "provider": serving.model.provider})
+            if self.status == "failed":  # the file was fixed: become ready
+                self.status, self.reason = "ready", None
+            log.info("reloaded: %s -> %s on %s", old, spec.version, serving.model.provider)
+            return serving
+
+    def _version(self) -> str | None:
+        return self.serving.model.spec.version if self.serving else None
 
     def _fail(self, reason: str) -> None:
         metrics.MODEL_LOADS.labels("failed").inc()

@@ -43,6 +43,25 @@ class InvalidMultipart(ServiceError):
     status, detail = 400, "malformed multipart body"
 
 
+class Unauthorized(ServiceError):
+    status, detail = 401, "missing or invalid API key"
+
+    def __init__(self) -> None:
+        super().__init__(headers={"WWW-Authenticate": "Bearer"})
+
+
+class AdminDisabled(ServiceError):
+    status, detail = 403, "admin endpoints are off: set RESNET_API_KEYS to enable them"
+
+
+class BodyTimeout(ServiceError):
+    status, detail = 408, "request body not received in time"
+
+
+class ReloadFailed(ServiceError):
+    status, detail = 409, "reload failed; the previous model is still serving"
+
+
 class PayloadTooLarge(ServiceError):
     status, detail = 413, "body too large"
 

@@ -57,3 +57,9 @@ class ModelCard(BaseModel):
 
 class Error(BaseModel):
     detail: str = Field(examples=["could not decode image"])
+
+
+class Reloaded(BaseModel):
+    status: str = Field(examples=["reloaded"])
+    model: ModelRef
+    provider: str

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default.onnx"
 
@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes, each with its own session")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")
+    body_timeout_s: float = Field(30.0, gt=0, description="longest time a request body may take to arrive (408)")
     # limits
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="request body limit, enforced while reading")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height limit, checked before decoding")
@@ -51,6 +52,27 @@ class Settings(BaseSettings):
     max_queue: int = Field(512, ge=1, description="images waiting for inference before 429")
     request_timeout_ms: float = Field(10_000, gt=0, description="per-request deadline (504 past it)")
     decode_threads: int = Field(0, ge=0, description="threads decoding images (0 = usable cores)")
+    # access
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated; when set, /predict, /model, V2 inference/metadata and admin need "
+        "'Authorization: Bearer <key>'",
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_strong(cls, v: list[SecretStr]) -> list[SecretStr]:
+        for key in v:
+            if len(key.get_secret_value()) < 16:
+                raise ValueError("every API key needs at least 16 characters")
+        return v
 
     @field_validator("model_path")
     @classmethod
