@@ -25,6 +25,7 @@ INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "probabilities")
 CONTRACT_VERSION = 1
 PARITY_TOLERANCE = 1e-5  # max |p_onnx - p_torch| over a batch of real validation images
+FP16_TOLERANCE = 5e-3  # half precision keeps ~3 significant digits
 
 
 class ExportError(RuntimeError):
@@ -125,10 +126,51 @@ def write_onnx(net: nn.Module, meta: dict, batch: torch.Tensor, out: Path, opset
     return report
 
 
-def export(checkpoint: Path, out: Path, name: str | None = None, opset: int = 18) -> dict:
+def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Weights and activations in float16 for GPUs' tensor cores; the input and outputs stay float32,
+    so the contract (and the service) are unchanged."""
+    from onnxconverter_common import float16
+
+    # Softmax stays in float32: its exp overflows float16 for logits above ~11.
+    half = float16.convert_float_to_float16(
+        proto, keep_io_types=True, op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, "Softmax"]
+    )
+    for output in half.graph.output:  # the converter can leave a blocked op's output in float16
+        if output.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16:
+            continue
+        inner = output.name + "_fp16"
+        for node in half.graph.node:
+            node.output[:] = [inner if o == output.name else o for o in node.output]
+        half.graph.node.append(onnx.helper.make_node("Cast", [inner], [output.name], to=onnx.TensorProto.FLOAT))
+        output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    return half
+
+
+def export(checkpoint: Path, out: Path, name: str | None = None, opset: int = 18, fp16: bool = False) -> dict:
     """Export a training checkpoint, checking parity on a batch of its real validation images."""
+    import onnxruntime as ort
+
     net, ckpt = load_checkpoint(Path(checkpoint))
-    return write_onnx(net, metadata(ckpt, name or Path(out).stem), validation_batch(ckpt), Path(out), opset)
+    batch = validation_batch(ckpt)
+    meta = metadata(ckpt, name or Path(out).stem)
+    report = write_onnx(net, {**meta, "precision": "fp32"}, batch, Path(out), opset)
+    if not fp16:
+        return report
+    half = to_fp16(onnx.load(out))
+    for entry in half.metadata_props:
+        if entry.key == "precision":
+            entry.value = json.dumps("fp16")
+    onnx.checker.check_model(half, full_check=True)
+    session = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = torch.softmax(net(batch), 1).numpy()
+    diff = float(np.abs(session.run(["probabilities"], {INPUT_NAME: batch.numpy()})[0] - want).max())
+    if diff > FP16_TOLERANCE:
+        raise ExportError(f"float16 model disagrees with torch by {diff:.2e} > {FP16_TOLERANCE:.0e}")
+    onnx.save_model(half, out)
+    report = {**report, "precision": "fp16", "bytes": Path(out).stat().st_size, "parity_max_abs_diff": diff}
+    print(json.dumps(report))
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--name", default=None, help="model name recorded in the file (default: file stem)")
     parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--fp16", action="store_true", help="float16 weights (for GPUs); float32 input/outputs")
     args = parser.parse_args(argv)
-    export(args.checkpoint, args.out, args.name, args.opset)
+    export(args.checkpoint, args.out, args.name, args.opset, args.fp16)
 
 
 if __name__ == "__main__":

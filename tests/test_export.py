@@ -72,3 +72,26 @@ def test_export_probabilities_match_torch_on_real_images(exported, tmp_path):
         want = torch.softmax(net(x), 1).numpy()
     got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["probabilities"], {"input": x.numpy()})[0]
     assert np.abs(got - want).max() <= 1e-5
+
+
+def test_export_fp16_keeps_float32_contract_and_serves(exported, tmp_path):
+    path = tmp_path / "half.onnx"
+    report = export(_checkpoint(exported), path, fp16=True)
+    assert report["precision"] == "fp16" and report["parity_max_abs_diff"] <= 5e-3
+    proto = onnx.load(path)
+    assert json.loads({p.key: p.value for p in proto.metadata_props}["precision"]) == "fp16"
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in proto.graph.initializer)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(float)"
+    assert [o.type for o in session.get_outputs()] == ["tensor(float)", "tensor(float)"]
+    from service.runtime import Model
+    from service.settings import Settings
+
+    model = Model.load(Settings(model_path=path))
+    model.warm_up(4)
+    assert model.spec.labels == [str(i) for i in range(10)]
+
+
+def _checkpoint(exported):
+    path, _ = exported
+    return path.parent / "run" / "best.pt"
