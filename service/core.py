@@ -159,11 +159,16 @@ async def classify_images(state: ServiceState, request: Request, images: list[by
     serving, batcher = state.require_ready(), state.require_batcher()
     loop = asyncio.get_running_loop()
 
+    pre = serving.preprocessor
+
+    async def prepare(data: bytes) -> Decoded:
+        opened = pre.open(data)  # header only: bad and oversized images are refused before any decoding
+        return pre.finish(opened) if opened.small else await loop.run_in_executor(state.decode_pool, pre.finish,
+                                                                                     opened)
+
     async def work() -> Classified:
         with batcher.reserve(len(images)) as reservation:
-            decoded = await asyncio.gather(
-                *(loop.run_in_executor(state.decode_pool, serving.preprocessor, data) for data in images)
-            )
+            decoded = await asyncio.gather(*(prepare(data) for data in images))
             results = await reservation.submit([d.x for d in decoded], serving.model)
         return Classified(decoded, results)
 

@@ -145,7 +145,8 @@ def test_predict_large_jpeg_decodes_at_reduced_scale(client, settings):
     assert r.json()["predictions"][0]["top_k"][0]["label"] == str(label)
     from service.preprocessing import Preprocessor
 
-    decoded = Preprocessor(Model.load(settings).spec, 10**8).decode(data)
+    pre = Preprocessor(Model.load(settings).spec, 10**8)
+    decoded = pre.decode(pre.open(data).image)
     assert decoded.size == (200, 200)  # 1/8 scale via JPEG draft mode, still >= 32x32
 
 
