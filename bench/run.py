@@ -35,6 +35,10 @@ LUA = ROOT / "bench" / "post.lua"
 CONCURRENCY = (1, 8, 32, 64)
 PAYLOADS = ("png32", "jpeg640", "jpeg12mp", "multipart32")
 SERVERS = ("naive_app", "batching_off", "batching_on")
+# Extra variants for choosing defaults (--servers): 2 uvicorn workers with 1 onnxruntime thread each.
+VARIANTS = {"batching_off": {"RESNET_MAX_BATCH_SIZE": "1"},
+            "batching_on_w2": {"RESNET_WORKERS": "2", "RESNET_INTRA_OP_THREADS": "1", "RESNET_DECODE_THREADS": "1"}}
+HEAVY = {"jpeg12mp": 2, "multipart32": 2}  # cell duration multiplier: slow requests need longer windows
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -157,8 +161,7 @@ def start_server(kind: str, model: Path, log: Path) -> Server:
                "--port", str(port), "--log-level", "warning", "--no-access-log"]
     else:
         cmd = [sys.executable, "-m", "service"]
-        if kind == "batching_off":
-            env["RESNET_MAX_BATCH_SIZE"] = "1"
+        env.update(VARIANTS.get(kind, {}))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -186,9 +189,8 @@ def parse_ms(text: str) -> float:
 
 
 def wrk(url: str, body: Path, ctype: str, concurrency: int, seconds: float) -> dict:
-    timeout = "30s"
-    cmd = ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{seconds}s", "--timeout", timeout, "--latency",
-           "-s", str(LUA), url + "/predict", "--", str(body), ctype]
+    cmd = ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
+           "--latency", "-s", str(LUA), url + "/predict", "--", str(body), ctype]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     out = proc.stdout
     if "requests in" not in out:
@@ -199,8 +201,8 @@ def wrk(url: str, body: Path, ctype: str, concurrency: int, seconds: float) -> d
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return {
         "req_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "p50_ms": parse_ms(latency["50"]) if latency else float("nan"),
-        "p99_ms": parse_ms(latency["99"]) if latency else float("nan"),
+        "p50_ms": parse_ms(latency["50"]) if "50" in latency else float("nan"),
+        "p99_ms": parse_ms(latency["99"]) if "99" in latency else float("nan"),
         "requests": requests,
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
         "socket_errors": sum(int(v) for v in errors.groups()) if errors else 0,
@@ -225,7 +227,9 @@ def median_cells(runs: list[dict]) -> dict:
 
 
 def targets(cells: dict, alone: dict) -> list[tuple[str, float, float, bool]]:
-    r20 = cells["resnet20"]
+    r20 = cells.get("resnet20", {})
+    if not {"batching_on", "batching_off", "naive_app"} <= set(r20) or set(PAYLOADS) - set(r20["batching_on"]):
+        return []  # the targets are stated for resnet20, all payloads, all three servers
     on, off, naive = r20["batching_on"], r20["batching_off"], r20["naive_app"]
     rows = []
 
@@ -254,13 +258,14 @@ def markdown(cells: dict, alone: dict, rows: list, meta: dict) -> str:
     for model, a in alone.items():
         lines.append(f"- onnxruntime alone, {model}: batch 1 -> {a['batch1_img_s']:.0f} img/s; best (batch "
                      f"{a['best_batch']}) -> {a['best_img_s']:.0f} img/s")
-    lines += ["", "| model | payload | c | " + " | ".join(f"{s} req/s (img/s) p50/p99 ms" for s in SERVERS) + " |",
-              "|---|---|---|" + "---|" * len(SERVERS)]
+    names = list(dict.fromkeys(s for servers in cells.values() for s in servers))
+    lines += ["", "| model | payload | c | " + " | ".join(f"{s} req/s (img/s) p50/p99 ms" for s in names) + " |",
+              "|---|---|---|" + "---|" * len(names)]
     for model, servers in cells.items():
         for payload in PAYLOADS:
-            for c in sorted(servers["batching_on"].get(payload, {})):
+            for c in sorted({c for srv in servers.values() for c in srv.get(payload, {})}):
                 row = f"| {model} | {payload} | {c} |"
-                for s in SERVERS:
+                for s in names:
                     x = servers.get(s, {}).get(payload, {}).get(c)
                     if x is None:
                         row += " - |"
@@ -315,16 +320,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="resnet20 only, c=1 and 32, 1 repeat, 2 s cells")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=4.0, help="wrk duration per cell")
+    parser.add_argument("--seconds", type=int, default=4, help="wrk duration per cell")
     parser.add_argument("--models", default="resnet20,resnet50")
+    parser.add_argument("--servers", default=",".join(SERVERS), help=f"of {SERVERS + tuple(VARIANTS)}")
+    parser.add_argument("--payloads", default=",".join(PAYLOADS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed for the load: apt-get install wrk (Debian/Ubuntu) or brew install wrk")
-    concurrency, payloads = CONCURRENCY, PAYLOADS
-    models = args.models.split(",")
+    concurrency, payloads = CONCURRENCY, args.payloads.split(",")
+    models, servers = args.models.split(","), args.servers.split(",")
     if args.quick:
-        args.repeats, args.seconds, models, concurrency = 1, 2.0, ["resnet20"], (1, 8, 32)
+        args.repeats, args.seconds, models, concurrency = 1, 2, ["resnet20"], (1, 8, 32)
     args.out.mkdir(parents=True, exist_ok=True)
     inputs = write_payloads(args.out / "payloads")
     model_files = {"resnet20": ROOT / "models" / "default.onnx"}
@@ -341,14 +348,13 @@ def main(argv: list[str] | None = None) -> None:
     for repeat in range(args.repeats):
         cells = {}
         for m in models:
-            # Big images at high concurrency on resnet50 take minutes per cell on 2 cores and tell nothing new.
-            for server in SERVERS:
+            for server in servers:
                 srv = start_server(server, model_files[m], log)
                 try:
                     for payload in payloads:
                         body, ctype, n = inputs[payload]
                         for c in concurrency:
-                            cell = wrk(srv.url, body, ctype, c, args.seconds)
+                            cell = wrk(srv.url, body, ctype, c, args.seconds * HEAVY.get(payload, 1))
                             cell["img_s"] = cell["req_s"] * n
                             cells[(m, server, payload, c)] = cell
                             print(f"[{repeat + 1}/{args.repeats}] {m:8s} {server:12s} {payload:11s} c={c:<3d} "
