@@ -1,7 +1,9 @@
 """Domain errors, raised deep in the service and mapped to HTTP in one place (``install``).
 
-Every error body is ``{"detail": "<short fixed message>"}``; an unexpected failure also carries an
-``error_id`` that is written to the log beside the traceback.
+Every error body is ``{"detail": "<short fixed message>"}``, except under ``/v2``, where the Open
+Inference Protocol asks for ``{"error": "<message>"}`` and for 400 rather than 422 on a malformed
+request. An unexpected failure also carries an ``error_id`` that is written to the log beside the
+traceback.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import logging
 import uuid
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 log = logging.getLogger("service")
 
@@ -104,8 +108,17 @@ class ModelLoadError(RuntimeError):
     service from becoming ready."""
 
 
+def _is_v2(request: Request) -> bool:
+    path = request.url.path
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def _body(request: Request, message: str) -> dict[str, str]:
+    return {"error" if _is_v2(request) else "detail": message}
+
+
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    body: dict[str, str] = {"detail": exc.detail}
+    body = _body(request, exc.detail)
     if exc.status >= 500 and exc.status not in (503, 504):
         body["error_id"] = error_id = uuid.uuid4().hex[:12]
         log.error("error_id=%s %s %s: %s", error_id, request.method, request.url.path, exc.__cause__ or exc)
@@ -115,17 +128,26 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     error_id = uuid.uuid4().hex[:12]
     log.exception("error_id=%s unexpected failure on %s %s", error_id, request.method, request.url.path)
-    return JSONResponse({"detail": "internal error", "error_id": error_id}, status_code=500)
+    return JSONResponse({**_body(request, "internal error"), "error_id": error_id}, status_code=500)
 
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
-    return JSONResponse({"detail": f"invalid {where or 'request'}: {first.get('msg', 'validation failed')}"},
-                        status_code=422)
+    where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body", "header"))
+    message = f"invalid {where or 'request'}: {first.get('msg', 'validation failed')}"
+    # The Open Inference Protocol has no 422: a request it cannot take is a 400.
+    return JSONResponse(_body(request, message), status_code=400 if _is_v2(request) else 422)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Routing's own errors (404 no such path, 405 wrong method): FastAPI's answer, in the protocol's shape."""
+    if not _is_v2(request):
+        return await http_exception_handler(request, exc)
+    return JSONResponse(_body(request, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
