@@ -224,6 +224,8 @@ def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = 
     )
     app.add_middleware(metrics.RequestMetrics)
     errors.install(app)
+    from service import v2  # imported here: v2 builds on this module's read_body and State
+    app.include_router(v2.router)
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=IMAGE_BODY)
     async def predict(

@@ -78,6 +78,10 @@ class TooManyImages(ServiceError):
     status, detail = 413, "too many images in one request"
 
 
+class UnknownModel(ServiceError):
+    status, detail = 404, "unknown model"
+
+
 class UnsupportedMediaType(ServiceError):
     status = 415
     detail = "unsupported content type: send image/*, application/octet-stream or multipart/form-data"
