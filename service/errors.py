@@ -78,6 +78,10 @@ class TooManyImages(ServiceError):
     status, detail = 413, "too many images in one request"
 
 
+class InvalidInferenceRequest(ServiceError):
+    status, detail = 400, "invalid inference request"  # raised with a message naming the tensor and the fault
+
+
 class UnknownModel(ServiceError):
     status, detail = 404, "unknown model"
 
@@ -85,6 +89,10 @@ class UnknownModel(ServiceError):
 class UnsupportedMediaType(ServiceError):
     status = 415
     detail = "unsupported content type: send image/*, application/octet-stream or multipart/form-data"
+
+
+class UnsupportedContentEncoding(ServiceError):
+    status, detail = 415, "unsupported Content-Encoding: send the body uncompressed"
 
 
 class QueueFull(ServiceError):
