@@ -13,22 +13,21 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 import numpy as np
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service import errors, metrics
+from service import errors, metrics, v2
 from service.auth import Admin, Authorized
 from service.batching import MicroBatcher
-from service.core import Classified, ServiceState, classify_images
+from service.body import read_body
+from service.core import Classified, ServiceState, State, classify_images
 from service.errors import (
-    BodyTimeout,
     EmptyBody,
     InvalidMultipart,
     NoImages,
-    PayloadTooLarge,
     TooManyImages,
     UnsupportedMediaType,
 )
@@ -41,11 +40,6 @@ log = logging.getLogger("service")
 RAW_TYPES = ("application/octet-stream", "application/x-www-form-urlencoded")  # the latter: curl --data-binary
 
 
-def get_state(request: Request) -> ServiceState:
-    return request.app.state.service
-
-
-State = Annotated[ServiceState, Depends(get_state)]
 
 
 def _reload_on_sighup(state: ServiceState) -> Callable[[], None]:
@@ -88,26 +82,6 @@ def _chain_drain_on_signals(state: ServiceState) -> None:
 
 
 # --- reading requests and shaping answers ---------------------------------------------------------------------------
-
-
-async def read_body(request: Request, settings: Settings) -> bytes:
-    """The whole body: 413 as soon as it passes ``max_upload_bytes`` (never buffered beyond it), 408 if
-    it takes longer than ``body_timeout_s`` to arrive (a client trickling bytes holds no slot for long)."""
-    limit = settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge()
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(settings.body_timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge()
-                chunks.append(chunk)
-    except TimeoutError as e:
-        raise BodyTimeout() from e
-    return b"".join(chunks)
 
 
 async def read_images(request: Request, settings: Settings) -> list[bytes]:
@@ -224,7 +198,6 @@ def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = 
     )
     app.add_middleware(metrics.RequestMetrics)
     errors.install(app)
-    from service import v2  # imported here: v2 builds on this module's read_body and State
     app.include_router(v2.router)
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=IMAGE_BODY)

@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Request
+from fastapi import Depends, Request
 
 from service import metrics
 from service.batching import MicroBatcher, Result
@@ -120,6 +120,13 @@ class ServiceState:
         log.error("model not served: %s", reason)
         if self.status == "loading":
             self.status, self.reason = "failed", reason
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+State = Annotated[ServiceState, Depends(get_state)]
 
 
 @dataclass

@@ -26,9 +26,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.app import State, read_body
 from service.auth import Authorized
-from service.core import Classified, Serving, classify_images, classify_tensors
+from service.body import read_body
+from service.core import Classified, Serving, State, classify_images, classify_tensors
 from service.errors import InvalidInferenceRequest, TooManyImages, UnknownModel, UnsupportedContentEncoding
 from service.runtime import ModelSpec, softmax
 
