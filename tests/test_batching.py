@@ -254,3 +254,47 @@ def test_request_past_deadline_gets_504_and_its_work_is_dropped(default_model):
         assert r.status_code == 200, r.text
 
 
+
+
+class FailsSecondBatch(Model):
+    """First batch slow (so the next requests queue up into one batch), second batch raises."""
+
+    calls = 0
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        if not getattr(self, "armed", False):
+            return super().run(x)
+        FailsSecondBatch.calls += 1
+        if FailsSecondBatch.calls == 1:
+            time.sleep(0.5)
+        elif FailsSecondBatch.calls == 2:
+            self.failed_batch = len(x)
+            raise RuntimeError("injected onnxruntime failure")
+        return super().run(x)
+
+
+def test_failed_batch_fails_each_of_its_requests_with_500_then_serves(default_model):
+    def load(s: Settings) -> Model:
+        m = Model.load(s)
+        m.__class__ = FailsSecondBatch
+        return m
+
+    png = encode(one_per_class()[0][0], "PNG")
+    with TestClient(create_app(Settings(model_path=default_model), load_model=load)) as c:
+        wait_ready(c)
+        model = c.app.state.service.serving.model
+        model.armed = True
+        post = lambda: c.post("/predict", content=png, headers={"content-type": "image/png"})  # noqa: E731
+        with ThreadPoolExecutor(5) as pool:
+            first = pool.submit(post)
+            time.sleep(0.15)  # the first batch is running; the next four queue behind it
+            rest = [pool.submit(post) for _ in range(4)]
+            responses = [first.result()] + [f.result() for f in rest]
+        assert responses[0].status_code == 200, responses[0].text
+        failed = responses[1:]
+        assert model.failed_batch == 4
+        assert all(r.status_code == 500 for r in failed), [r.text for r in failed]
+        assert all(r.json()["detail"] == "inference failed" for r in failed)
+        assert len({r.json()["error_id"] for r in failed}) == 4  # each logged under its own id
+        r = post()
+        assert r.status_code == 200, r.text
