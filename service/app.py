@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service import errors, metrics, v2
+from service import errors, metrics, ui, v2
 from service.auth import Admin, Authorized
 from service.batching import MicroBatcher
 from service.body import read_body
@@ -199,6 +199,7 @@ def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = 
     app.add_middleware(metrics.RequestMetrics)
     errors.install(app)
     app.include_router(v2.router)
+    ui.install(app, settings)
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=IMAGE_BODY)
     async def predict(

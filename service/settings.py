@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")
     body_timeout_s: float = Field(30.0, gt=0, description="longest time a request body may take to arrive (408)")
+    ui_enabled: bool = Field(True, description="serve the page at / that tries the model in a browser (off: 404)")
     # limits
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="request body limit, enforced while reading")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height limit, checked before decoding")
