@@ -251,6 +251,32 @@ def test_upload_digit_shows_its_label_on_top(page, tmp_path, screenshots):
     page.screenshot(path=screenshots / "upload.png", full_page=True)
 
 
+# A DataTransfer holding the file, handed to the page as a drop on the file area or a paste (Ctrl+V).
+DELIVER = {
+    "drop": """([bytes, name]) => {
+        const data = new DataTransfer();
+        data.items.add(new File([new Uint8Array(bytes)], name, {type: "image/png"}));
+        document.getElementById("drop-zone").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
+    }""",
+    "paste": """([bytes, name]) => {
+        const data = new DataTransfer();
+        data.items.add(new File([new Uint8Array(bytes)], name, {type: "image/png"}));
+        document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data, bubbles: true}));
+    }""",
+}
+
+
+@pytest.mark.parametrize("how", list(DELIVER))
+def test_dropped_or_pasted_digit_is_classified(page, how):
+    from playwright.sync_api import expect
+
+    img, label = one_per_class()[8]
+    with page.expect_response("**/predict?*") as answer:
+        page.evaluate(DELIVER[how], [list(encode(img, "PNG")), f"{how}.png"])
+    assert answer.value.status == 200
+    expect(page.get_by_role("status")).to_contain_text(f"{how}.png: {label} (")
+
+
 def test_drawing_sends_white_ink_on_black_png(page, screenshots):
     from playwright.sync_api import expect
 
