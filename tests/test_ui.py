@@ -172,8 +172,9 @@ class PageLog:
         assert not elsewhere, f"the page fetched from somewhere other than the service: {elsewhere}"
 
 
-def open_page(browser, server: LiveServer, **context_options):
-    """The page, loaded with its model card, and a log of every request it makes and every script error."""
+def open_page(browser, server: LiveServer, *, card: bool = True, **context_options):
+    """The page, loaded (with its model card, if ``card``), and a log of every request it makes and every script
+    error."""
     from playwright.sync_api import expect
 
     log = PageLog()
@@ -182,7 +183,8 @@ def open_page(browser, server: LiveServer, **context_options):
     page.on("pageerror", lambda err: log.script_errors.append(str(err)))
     page.on("console", lambda msg: "Content Security Policy" in msg.text and log.script_errors.append(msg.text))
     page.goto(server.url + "/")
-    expect(page.locator("#card-arch")).to_have_text("resnet20")
+    if card:
+        expect(page.locator("#card-arch")).to_have_text("resnet20")
     return page, log
 
 
@@ -370,6 +372,39 @@ def test_page_fits_a_phone_and_takes_a_finger(browser, server, screenshots):
         expect(page.locator("#bars li")).to_have_count(5)
         assert page.evaluate("document.documentElement.scrollWidth") <= 360, "the page scrolls sideways on a phone"
         page.screenshot(path=screenshots / "phone.png", full_page=True)
+    finally:
+        page.context.close()
+    log.check(server)
+
+
+def test_page_asks_for_api_key_when_service_needs_one(browser, live_server, tmp_path):
+    from playwright.sync_api import expect
+
+    key = "correct-horse-battery-staple"
+    server = live_server(RESNET_API_KEYS=key, RESNET_MAX_BATCH_SIZE="1")
+    page, log = open_page(browser, server, card=False, viewport={"width": 1280, "height": 900})
+    try:
+        expect(page.locator("#model-status")).to_have_text(
+            "The service answered 401: missing or invalid API key. Enter an API key above.")
+        expect(page.get_by_label("API key")).to_be_focused()
+        path, label = digit_file(tmp_path, 2)
+        page.get_by_label("Choose an image file").set_input_files(path)
+        expect(page.get_by_role("status")).to_have_text("The service answered 401: missing or invalid API key")
+
+        page.get_by_label("API key").fill("not-the-right-key-at-all")
+        with page.expect_response("**/predict?*") as refused:
+            page.get_by_role("button", name="Use key").click()
+        assert refused.value.status == 401
+        assert refused.value.request.headers["authorization"] == "Bearer not-the-right-key-at-all"
+        expect(page.get_by_role("status")).to_have_text("The service answered 401: missing or invalid API key")
+        expect(page.locator("#key-form")).to_be_visible()
+        page.get_by_label("API key").fill(key)
+        with page.expect_request("**/predict?*") as sent:
+            page.keyboard.press("Enter")  # submits the form; the card loads and the image is sent again
+        assert sent.value.headers["authorization"] == f"Bearer {key}"
+        expect(page.locator("#card-arch")).to_have_text("resnet20")
+        expect(page.get_by_role("status")).to_contain_text(f"{path.name}: {label} (")
+        expect(page.locator("#key-form")).to_be_hidden()
     finally:
         page.context.close()
     log.check(server)

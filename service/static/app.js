@@ -20,11 +20,16 @@ const ui = {
   latency: $("latency"),
   modelStatus: $("model-status"),
   modelCard: $("model-card"),
+  keyForm: $("key-form"),
+  key: $("api-key"),
 };
 
 let labels = null; // from GET /model; the full distribution is in label order
 let lastInput = null; // {body, type, name}: re-sent when "Classes to show" changes
 let latestRequest = 0; // answers to older requests are dropped
+let apiKey = ""; // asked for only when the service answers 401; kept in this tab's memory, never stored
+
+const withKey = (headers = {}) => (apiKey ? { ...headers, Authorization: `Bearer ${apiKey}` } : headers);
 
 // --- sending ------------------------------------------------------------------------------------
 
@@ -37,7 +42,8 @@ async function classify(body, type, name) {
   let response;
   let answer;
   try {
-    response = await fetch(`predict?top_k=${topK}`, { method: "POST", headers: { "Content-Type": type }, body });
+    const headers = withKey({ "Content-Type": type });
+    response = await fetch(`predict?top_k=${topK}`, { method: "POST", headers, body });
     answer = await response.json().catch(() => null);
   } catch (err) {
     if (request === latestRequest) showError(`Could not reach the service (${err.message}).`);
@@ -46,8 +52,8 @@ async function classify(body, type, name) {
   const roundTrip = performance.now() - started;
   if (request !== latestRequest) return;
   if (!response.ok) {
-    const detail = answer && typeof answer.detail === "string" ? answer.detail : response.statusText;
-    showError(`The service answered ${response.status}: ${detail}`);
+    showError(`The service answered ${response.status}: ${detailOf(answer, response)}`);
+    if (response.status === 401) askForKey();
     return;
   }
   showPrediction(answer, response.headers.get("Server-Timing"), roundTrip, name);
@@ -65,6 +71,9 @@ function classifyFile(file) {
   // The file's own content type, so the service can refuse what is not an image (415).
   classify(file, file.type || "application/octet-stream", file.name || "the pasted image");
 }
+
+const detailOf = (answer, response) =>
+  (answer && typeof answer.detail === "string" ? answer.detail : response.statusText);
 
 // --- showing ------------------------------------------------------------------------------------
 
@@ -166,7 +175,7 @@ async function loadModelCard() {
   let response;
   let card;
   try {
-    response = await fetch("model");
+    response = await fetch("model", { headers: withKey() });
     card = await response.json().catch(() => null);
   } catch (err) {
     ui.modelStatus.textContent = `Could not reach the service (${err.message}); retrying…`;
@@ -174,10 +183,19 @@ async function loadModelCard() {
     return;
   }
   if (!response.ok) {
-    // 503 while the model loads: say so, and ask again.
-    const detail = card && typeof card.detail === "string" ? card.detail : response.statusText;
-    ui.modelStatus.textContent = `The service answered ${response.status}: ${detail}; retrying…`;
-    setTimeout(loadModelCard, 2000);
+    const answered = `The service answered ${response.status}: ${detailOf(card, response)}`;
+    ui.modelStatus.hidden = false;
+    ui.modelCard.hidden = true;
+    if (response.status === 401) {
+      ui.modelStatus.textContent = `${answered}. Enter an API key above.`;
+      askForKey();
+    } else if (response.status >= 500) {
+      // 503 while the model loads: say so, and ask again.
+      ui.modelStatus.textContent = `${answered}; retrying…`;
+      setTimeout(loadModelCard, 2000);
+    } else {
+      ui.modelStatus.textContent = answered;
+    }
     return;
   }
   labels = card.labels;
@@ -192,7 +210,23 @@ async function loadModelCard() {
   $("card-version").textContent = card.version;
   ui.modelStatus.hidden = true;
   ui.modelCard.hidden = false;
+  ui.keyForm.hidden = true;
 }
+
+// --- an API key, where the service asks for one -------------------------------------------------
+
+function askForKey() {
+  if (!ui.keyForm.hidden) return;
+  ui.keyForm.hidden = false;
+  ui.key.focus();
+}
+
+ui.keyForm.addEventListener("submit", async (e) => {
+  e.preventDefault();
+  apiKey = ui.key.value.trim();
+  await loadModelCard();
+  if (lastInput) classify(lastInput.body, lastInput.type, lastInput.name);
+});
 
 // --- choosing, dropping, pasting ----------------------------------------------------------------
 
