@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,17 @@ class LiveServer:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+@contextmanager
+def running_server(env: dict[str, str], log_path: Path) -> Iterator[LiveServer]:
+    """A ready ``LiveServer`` for the block's duration (module-scoped fixtures share one)."""
+    server = LiveServer(env, log_path)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

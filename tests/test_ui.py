@@ -23,7 +23,7 @@ from PIL import Image
 from service.app import create_app
 from service.settings import Settings
 from service.ui import STATIC
-from tests.conftest import ROOT, LiveServer
+from tests.conftest import ROOT, LiveServer, running_server
 from tests.images import encode, one_per_class
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -133,13 +133,9 @@ def server(tmp_path_factory) -> Iterator[LiveServer]:
     """One ``python -m service`` for the module (the same process the ``live_server`` fixture runs); each test
     gets a fresh browser page against it."""
     require_browser()
-    live = LiveServer({"RESNET_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT), "RESNET_MAX_BATCH_SIZE": "4"},
-                      tmp_path_factory.mktemp("ui-server") / "server.log")
-    try:
-        live.wait_ready()
+    env = {"RESNET_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT), "RESNET_MAX_BATCH_SIZE": "4"}
+    with running_server(env, tmp_path_factory.mktemp("ui-server") / "server.log") as live:
         yield live
-    finally:
-        live.stop()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from service.app import create_app
 from service.preprocessing import Preprocessor
 from service.runtime import Model, ModelSpec, softmax
 from service.settings import Settings
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, running_server
 from tests.images import bomb_png, encode, one_per_class
 
 HEADER = "Inference-Header-Content-Length"
@@ -37,12 +37,8 @@ KEY = "v2-test-key-0123456789"
 def server(tmp_path_factory) -> Iterator[LiveServer]:
     """One ``python -m service`` for the module (the ``live_server`` fixture starts one per test)."""
     env = {f"RESNET_{k.upper()}": str(v) for k, v in LIMITS.items()}
-    s = LiveServer(env, tmp_path_factory.mktemp("v2") / "server.log")
-    try:
-        s.wait_ready()
+    with running_server(env, tmp_path_factory.mktemp("v2") / "server.log") as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
