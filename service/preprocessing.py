@@ -4,6 +4,7 @@ metadata alone (the reference is ``model/preprocessing.py``; a test holds the tw
 from __future__ import annotations
 
 import io
+import struct
 import time
 from dataclasses import dataclass
 
@@ -23,6 +24,33 @@ RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
+ICO_MAGIC = b"\0\0\1\0"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def icon_pixels(data: bytes) -> int:
+    """The most pixels any frame of an icon declares in the frame's own header (PNG IHDR or DIB
+    header). Pillow decodes an icon's frame while *opening* it, and the frame need not match the
+    icon's directory (at most 256x256), so for icons the size check after ``Image.open`` is too late:
+    a 79 kB icon holding a 9000x9000 PNG cost 1 s and 140 MB per request (tests/test_bombs.py)."""
+    count = struct.unpack_from("<H", data, 4)[0] if len(data) >= 6 else 0
+    most = 0
+    for k in range(count):
+        entry = 6 + 16 * k
+        if entry + 16 > len(data):
+            break
+        (offset,) = struct.unpack_from("<I", data, entry + 12)
+        frame = data[offset:offset + 24]
+        if frame.startswith(PNG_MAGIC) and len(frame) >= 24:
+            w, h = struct.unpack_from(">II", frame, 16)
+        elif len(frame) >= 12 and frame[:4] == b"\x0c\0\0\0":  # BITMAPCOREHEADER: 16-bit sizes
+            w, h = struct.unpack_from("<HH", frame, 4)
+        elif len(frame) >= 12:  # BITMAPINFOHEADER and later: signed 32-bit (height counts the mask too)
+            w, h = struct.unpack_from("<ii", frame, 4)
+        else:
+            continue
+        most = max(most, abs(w) * abs(h))
+    return most
 
 
 # Images up to this many pixels are decoded on the event loop: for a 32x32 PNG (50 us) a hop to a
@@ -60,6 +88,8 @@ class Preprocessor:
         """Read the header only and check the declared size against the pixel limit: cheap, nothing
         is allocated for the pixels yet."""
         start = time.perf_counter()
+        if data.startswith(ICO_MAGIC) and icon_pixels(data) > self.max_pixels:
+            raise ImageTooLarge()
         try:
             img = Image.open(io.BytesIO(data), formats=FORMATS)
         except Image.DecompressionBombError as e:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import LiveServer
-from tests.hostile import bomb_bmp, bomb_gif, bomb_jpeg, bomb_tiff, valid_image
+from tests.hostile import bomb_bmp, bomb_gif, bomb_ico, bomb_jpeg, bomb_tiff, valid_image
 from tests.images import bomb_png
 
 ROUNDS = 100
@@ -50,6 +50,8 @@ def server(tmp_path_factory):
         pytest.param(bomb_gif, id="gif-50000x50000"),
         pytest.param(bomb_tiff, id="tiff-50000x50000"),
         pytest.param(bomb_bmp, id="bmp-50000x50000"),
+        # 81 Mpx: past the service's 40 Mpx limit, short of Pillow's own bomb check (89 Mpx)
+        pytest.param(lambda: bomb_ico(9_000, 9_000), id="ico-with-9000x9000-png-inside"),
     ],
 )
 def test_predict_bomb_refused_fast_without_memory_growth(server, make: Callable[[], bytes]):
