@@ -16,6 +16,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger("service")
 
@@ -143,6 +144,11 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({**_body(request, "internal error"), "error_id": error_id}, status_code=500)
 
 
+async def _client_disconnected(request: Request, exc: ClientDisconnect) -> JSONResponse:
+    """Starlette raises this when the client leaves while its body is read: their doing, not a 500."""
+    return await _service_error(request, ClientGone())
+
+
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body", "header"))
@@ -162,4 +168,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_disconnected)
     app.add_exception_handler(Exception, _unexpected)
