@@ -1,0 +1,164 @@
+"""Clients that go away mid-request leave nothing behind: no image held in the batcher's queue, no
+asyncio task, no open file descriptor, no 5xx counted against the service; the next request is served
+at once. The app runs under uvicorn in a thread of this process, so the test can see its event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import free_port
+from tests.images import encode, one_per_class
+
+ROUNDS = 40
+SETTLE_S = 5.0
+
+
+class _Server(uvicorn.Server):
+    async def serve(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+
+class ThreadedServer:
+    """uvicorn serving ``create_app(settings)`` on 127.0.0.1 from a daemon thread (no signal handlers)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = _Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if self.server.started and httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("server not ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def tasks(self) -> list[str]:
+        """Names of the tasks alive on the server's event loop (besides the one asking)."""
+
+        async def names() -> list[str]:
+            me = asyncio.current_task()
+            return sorted(t.get_name() for t in asyncio.all_tasks() if t is not me)
+
+        return asyncio.run_coroutine_threadsafe(names(), self.server.loop).result(5)
+
+    @property
+    def queue_depth(self) -> int:
+        return self.app.state.service.batcher.depth
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def status_count(metrics: str, status: str) -> float:
+    return sum(float(v) for v in re.findall(
+        rf'^http_requests_total{{method="POST",route="/predict",status="{status}"}} (\S+)$', metrics, re.M))
+
+
+# --- ways to leave --------------------------------------------------------------------------------
+
+BIG_PNG = encode(one_per_class()[6][0].resize((1200, 1200)).convert("RGB"), "PNG")  # tens of ms to decode
+
+
+def head(length: int | None, ctype: str = "image/png", chunked: bool = False) -> bytes:
+    lines = ["POST /predict HTTP/1.1", "Host: x", f"Content-Type: {ctype}"]
+    lines.append("Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def multipart_half() -> bytes:
+    part = (b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + BIG_PNG + b"\r\n--b--\r\n")
+    return head(len(part), "multipart/form-data; boundary=b") + part[: len(part) // 2]
+
+
+def reset(s: socket.socket) -> None:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST, not FIN
+
+
+# (what the client sends, what it does to the socket before closing it, whether the service can
+# notice the departure: with pipelined requests uvicorn stops reading the socket while it answers the
+# first, so it learns of the close only when it writes that answer)
+LEAVERS: list = [
+    pytest.param(lambda: head(len(BIG_PNG)), None, True, id="headers-only"),
+    pytest.param(lambda: head(len(BIG_PNG)) + BIG_PNG[: len(BIG_PNG) // 2], None, True, id="half-the-body"),
+    pytest.param(lambda: head(len(BIG_PNG)) + BIG_PNG, None, True, id="whole-body-in-flight"),
+    pytest.param(lambda: head(len(BIG_PNG)) + BIG_PNG, reset, True, id="whole-body-then-rst"),
+    pytest.param(multipart_half, None, True, id="half-a-multipart-body"),
+    pytest.param(lambda: head(None, chunked=True) + b"1000\r\n" + BIG_PNG[:4096] + b"\r\n", None, True,
+                 id="unterminated-chunked"),
+    pytest.param(lambda: (head(len(BIG_PNG)) + BIG_PNG) * 3, None, False, id="three-pipelined"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(default_model):
+    s = ThreadedServer(Settings(model_path=default_model, max_batch_size=4))
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize(("payload", "before_close", "noticed"), LEAVERS)
+def test_predict_client_leaving_mid_request_leaves_nothing_behind(
+    server: ThreadedServer, payload: Callable[[], bytes], before_close: Callable[[socket.socket], None] | None,
+    noticed: bool,
+):
+    img, label = one_per_class()[3]
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        assert c.post("/predict", content=encode(img, "PNG"), headers={"content-type": "image/png"}).status_code == 200
+        baseline_metrics = c.get("/metrics").text
+    baseline_tasks, baseline_fds = server.tasks(), open_fds()
+    data = payload()
+    for _ in range(ROUNDS):
+        s = socket.create_connection(("127.0.0.1", server.port))
+        s.sendall(data)
+        if before_close is not None:
+            before_close(s)
+        s.close()
+
+    deadline = time.monotonic() + SETTLE_S  # in-flight decodes finish on their own threads first
+    while time.monotonic() < deadline and (server.queue_depth or server.tasks() != baseline_tasks):
+        time.sleep(0.05)
+    assert server.queue_depth == 0
+    assert server.tasks() == baseline_tasks, (baseline_tasks, server.tasks())
+    assert open_fds() <= baseline_fds, (baseline_fds, open_fds())
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        metrics = c.get("/metrics").text
+        started = time.perf_counter()
+        r = c.post("/predict", content=encode(img, "PNG"), headers={"content-type": "image/png"})
+        elapsed = time.perf_counter() - started
+    assert re.search(r"^predict_queue_depth 0\.0$", metrics, re.M), metrics
+    for status in ("500", "503", "504"):  # a client leaving is not the service failing
+        assert status_count(metrics, status) == status_count(baseline_metrics, status), status
+    if noticed:  # the departure was seen mid-request (499), so the abandonment path itself ran
+        assert status_count(metrics, "499") > status_count(baseline_metrics, "499")
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0]["top_k"][0]["label"] == str(label), r.text
+    assert elapsed < 1.0, elapsed
