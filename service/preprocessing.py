@@ -26,13 +26,15 @@ RESAMPLE = {
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
 ICO_MAGIC = b"\0\0\1\0"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ICON_MAX_PIXELS = 256 * 512  # the format's largest frame, 256x256 (a DIB's height counts its mask too)
 
 
 def icon_pixels(data: bytes) -> int:
     """The most pixels any frame of an icon declares in the frame's own header (PNG IHDR or DIB
     header). Pillow decodes an icon's frame while *opening* it, and the frame need not match the
     icon's directory (at most 256x256), so for icons the size check after ``Image.open`` is too late:
-    a 79 kB icon holding a 9000x9000 PNG cost 1 s and 140 MB per request (tests/test_bombs.py)."""
+    a 79 kB icon holding a 9000x9000 PNG cost 1 s and 140 MB per request (tests/test_bombs.py), and one
+    holding a 4000x4000 PNG, within the pixel limit, held the event loop ~100 ms per request."""
     count = struct.unpack_from("<H", data, 4)[0] if len(data) >= 6 else 0
     most = 0
     for k in range(count):
@@ -88,8 +90,12 @@ class Preprocessor:
         """Read the header only and check the declared size against the pixel limit: cheap, nothing
         is allocated for the pixels yet."""
         start = time.perf_counter()
-        if data.startswith(ICO_MAGIC) and icon_pixels(data) > self.max_pixels:
-            raise ImageTooLarge()
+        if data.startswith(ICO_MAGIC):
+            pixels = icon_pixels(data)
+            if pixels > self.max_pixels:
+                raise ImageTooLarge()
+            if pixels > ICON_MAX_PIXELS:  # not an icon: and it would be decoded here, on the event loop
+                raise InvalidImage()
         try:
             img = Image.open(io.BytesIO(data), formats=FORMATS)
         except Image.DecompressionBombError as e:
