@@ -18,7 +18,7 @@ from fastapi import Depends, Request
 from service import metrics
 from service.batching import MicroBatcher, Result
 from service.errors import ClientGone, DeadlineExceeded, ModelLoadError, ModelNotReady, ReloadFailed
-from service.preprocessing import Decoded, Preprocessor
+from service.preprocessing import INLINE_BYTES, Decoded, Preprocessor
 from service.runtime import Model
 from service.settings import Settings
 
@@ -169,6 +169,8 @@ async def classify_images(state: ServiceState, request: Request, images: list[by
     pre = serving.preprocessor
 
     async def prepare(data: bytes) -> Decoded:
+        if len(data) > INLINE_BYTES:
+            return await loop.run_in_executor(state.decode_pool, pre, data)
         opened = pre.open(data)  # header only: bad and oversized images are refused before any decoding
         return pre.finish(opened) if opened.small else await loop.run_in_executor(state.decode_pool, pre.finish,
                                                                                      opened)

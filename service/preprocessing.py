@@ -58,6 +58,10 @@ def icon_pixels(data: bytes) -> int:
 # Images up to this many pixels are decoded on the event loop: for a 32x32 PNG (50 us) a hop to a
 # thread and back costs more than the work. Larger ones go to the decode pool.
 INLINE_PIXELS = 128 * 128
+# ...and only from bodies this small: opening parses metadata too, and Pillow inflates a PNG's zTXt and
+# iCCP chunks up to 64 MB (a 68 kB PNG held the loop ~0.4 s, tests/test_bombs.py). Deflate expands at
+# most ~1000:1, so the loop inflates 4 MB (~25 ms) at worst; a 32x32 digit PNG is under 1 kB.
+INLINE_BYTES = 4096
 
 
 @dataclass
