@@ -206,3 +206,11 @@ def bomb_ico(width: int = 9_000, height: int = 9_000) -> bytes:
     the pixel count is known only once the icon is opened."""
     png = zeros_png(width, height)
     return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png
+
+
+def text_bomb_png(megabytes: int = 63) -> bytes:
+    """A 32x32 digit PNG carrying `megabytes` zTXt chunks of 1 MB each (Pillow's per-chunk cap; 64 MB
+    in all is its total cap): ~1 kB each on the wire, inflated by Pillow when it opens the file."""
+    png = valid_image("png", 3)
+    text = _png_chunk(b"zTXt", b"comment\0\0" + zlib.compress(b"\0" * (1024 * 1024 - 1), 9))
+    return png[:33] + text * megabytes + png[33:]  # after IHDR, before IDAT
