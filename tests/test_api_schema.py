@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import DEFAULT_MODEL, LiveServer
+from tests.conftest import DEFAULT_MODEL, running_server
 from tests.hostile import VALID, valid_image
 
 KEY = "schemathesis-key"
@@ -52,10 +52,8 @@ V2_INFER_EXCLUDED = [schemathesis.checks.positive_data_acceptance]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = LiveServer({"RESNET_API_KEYS": KEY}, tmp_path_factory.mktemp("schema") / "server.log")
-    s.wait_ready()
-    yield s
-    s.stop()
+    with running_server({"RESNET_API_KEYS": KEY}, tmp_path_factory.mktemp("schema") / "server.log") as s:
+        yield s
 
 
 @schema.parametrize()

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import LiveServer
+from tests.conftest import running_server
 from tests.hostile import bomb_bmp, bomb_gif, bomb_ico, bomb_jpeg, bomb_tiff, text_bomb_png, valid_image
 from tests.images import bomb_png
 
@@ -38,10 +38,8 @@ def reset_peak(pid: int) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = LiveServer({}, tmp_path_factory.mktemp("bombs") / "server.log")  # default limits: 40 Mpx, 10 MB
-    s.wait_ready()
-    yield s
-    s.stop()
+    with running_server({}, tmp_path_factory.mktemp("bombs") / "server.log") as s:  # default limits: 40 Mpx, 10 MB
+        yield s
 
 
 TOO_MANY_PIXELS = (413, "image has too many pixels")
