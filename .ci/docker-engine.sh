@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A private Docker engine for CI on a machine that runs none.
 #
-#   eval "$(.ci/docker-engine.sh up)"   # prints `export DOCKER_HOST=...` for the engine to use
-#   .ci/docker-engine.sh down           # stops what `up` started, and nothing else
+#   .ci/docker-engine.sh up     # prints `export DOCKER_HOST=...` for the engine it started, for eval
+#   .ci/docker-engine.sh down   # stops what `up` started, and nothing else
 #
 # If an engine already answers `docker info`, `up` starts nothing and prints nothing: the tests use the
 # user's engine. Otherwise it installs Debian's docker.io and debootstrap, starts dockerd by hand (no
@@ -110,9 +110,12 @@ up() {
         log "reusing the engine this script started earlier (pid $(cat "$pidfile"))"
     else
         install_packages
+        # Whatever fails from here on, leave no engine behind.
+        trap down EXIT
         start_dockerd
     fi
     seed_base_image
+    trap - EXIT
     echo "export DOCKER_HOST=unix://$sock"
 }
 
