@@ -34,6 +34,13 @@ install_packages() {
 }
 
 start_dockerd() {
+    local others
+    others=$(pgrep -x dockerd | tr '\n' ' ' || true)
+    if [[ -n $others ]]; then
+        # Two daemons on one host would fight over the docker0 bridge and the DOCKER iptables chains.
+        log "another dockerd runs here (pid $others) but does not answer docker info: point DOCKER_HOST at its socket"
+        exit 1
+    fi
     mkdir -p "$run" "$cache/data"
     log "starting dockerd on unix://$sock (log: $run/dockerd.log)"
     # Detached from our stdout: `up` runs inside $(...), which would otherwise wait for dockerd to exit.
