@@ -89,12 +89,16 @@ EOT
 }
 
 seed_base_image() {
-    docker -H "unix://$sock" image inspect "$base_image" >/dev/null 2>&1 && return 0
     local tarball=$cache/bookworm-minbase.tar
-    if [[ ! -s $tarball ]]; then
+    # Rebuilt monthly, as the official image is, so that point releases and security fixes come in.
+    if [[ -s $tarball ]] && [[ -z $(find "$tarball" -mtime +30) ]] \
+        && docker -H "unix://$sock" image inspect "$base_image" >/dev/null 2>&1; then
+        return 0
+    fi
+    if [[ ! -s $tarball ]] || [[ -n $(find "$tarball" -mtime +30) ]]; then
         local dir
         dir=$(mktemp -d "$cache/rootfs.XXXXXX")
-        log "debootstrap --variant=minbase bookworm from $mirror (about 40 s)"
+        log "debootstrap --variant=minbase bookworm from $mirror (one to two minutes)"
         debootstrap --variant=minbase bookworm "$dir" "$mirror" >"$run/debootstrap.log" 2>&1 || {
             tail -20 "$run/debootstrap.log" >&2
             rm -rf "$dir"
