@@ -120,9 +120,15 @@ def branch_ratios(model: ResNet, loader: DataLoader, normalise: Callable, device
     return (sums / n).tolist()
 
 
+def mean_std_curve(curves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample standard deviation over seeds (axis 0; 0 for a single seed)."""
+    return curves.mean(0), curves.std(0, ddof=1) if len(curves) > 1 else np.zeros(curves.shape[1:])
+
+
 def mean_std(values: list[float]) -> dict:
     """Mean and sample standard deviation over seeds (0 for a single seed)."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    mean, std = mean_std_curve(np.array(values))
+    return {"mean": float(mean), "std": float(std)}
 
 
 # --- one net, one seed --------------------------------------------------------------------------
@@ -183,11 +189,6 @@ def verdict(nets: dict, depths: list[int]) -> dict:
     plain, resnet = deeper_worse("plain"), deeper_worse("resnet")
     return {"shallow": lo, "deep": hi, "plain_deeper_worse": plain, "resnet_deeper_worse": resnet,
             "degradation_observed": plain and not resnet}
-
-
-def mean_std_curve(curves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and sample standard deviation over seeds (axis 0), as in the tables."""
-    return curves.mean(0), curves.std(0, ddof=1) if len(curves) > 1 else np.zeros(curves.shape[1:])
 
 
 def pct(stat: dict) -> str:
