@@ -71,16 +71,24 @@ class TrainConfig:
     progress: bool = True  # tqdm bar per epoch
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_config_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | None = None, skip: tuple = ()) -> None:
+    """One flag per ``TrainConfig`` field but those in ``skip`` (``--weight-decay`` for ``weight_decay``)."""
+    defaults = defaults or TrainConfig()
     for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        default = getattr(defaults, f.name)
         if f.type in ("bool", "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
             parser.add_argument(flag, type=kind, default=default)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_flags(parser)
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
