@@ -258,10 +258,30 @@ def model_without_labels(tmp_path, default_model) -> str:
     return str(p)
 
 
+def model_with_flat_input(tmp_path, default_model) -> str:
+    """A real ONNX graph with the default model's metadata but a rank-2 input: incompatible."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["logits"])], "flat",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 10])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = onnx.load(default_model).ir_version
+    proto.metadata_props.extend(onnx.load(default_model).metadata_props)
+    p = tmp_path / "flat.onnx"
+    onnx.save(proto, p)
+    return str(p)
+
+
 @pytest.mark.parametrize(
     ("make_settings", "reason"),
     [
         pytest.param(lambda tmp, m: {"model_path": tmp / "missing.onnx"}, "model file not found", id="missing-file"),
+        pytest.param(lambda tmp, m: {"model_path": model_with_flat_input(tmp, m)},
+                     "model input must be a float32 N x C x H x W tensor", id="wrong-input-rank"),
         pytest.param(lambda tmp, m: {"model_path": corrupt_model(tmp)}, "onnxruntime cannot load", id="corrupt"),
         pytest.param(lambda tmp, m: {"model_path": model_without_labels(tmp, m)},
                      "model metadata lacks required key 'labels'", id="no-labels-metadata"),
