@@ -155,7 +155,9 @@ def start_server(kind: str, model: Path, log: Path) -> Server:
 
     port = free_port()
     env = {**os.environ, "RESNET_MODEL_PATH": str(model), "RESNET_HOST": "127.0.0.1", "RESNET_PORT": str(port),
-           "RESNET_LOG_LEVEL": "warning", "RESNET_MAX_UPLOAD_BYTES": str(50 * 2**20), "NAIVE_MODEL": str(model)}
+           "RESNET_LOG_LEVEL": "warning", "RESNET_MAX_UPLOAD_BYTES": str(50 * 2**20), "NAIVE_MODEL": str(model),
+           # room for 64 clients x 32 images: the naive app queues without limit, so 429s would not compare
+           "RESNET_MAX_QUEUE": "4096"}
     if kind == "naive_app":
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "bench.naive_app:create", "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "warning", "--no-access-log"]

@@ -11,7 +11,9 @@ from fastapi import Depends, Request
 from service.errors import AdminDisabled, Unauthorized
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
+    # async, though it awaits nothing: FastAPI runs a plain def dependency in its thread pool, a hop
+    # that costs more than the check.
     keys = request.app.state.service.settings.api_keys
     if not keys:
         return
@@ -26,11 +28,11 @@ def require_api_key(request: Request) -> None:
         raise Unauthorized()
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     """Admin routes exist only when keys do: an open reload endpoint would let anyone stall the server."""
     if not request.app.state.service.settings.api_keys:
         raise AdminDisabled()
-    require_api_key(request)
+    await require_api_key(request)
 
 
 Authorized = Annotated[None, Depends(require_api_key)]

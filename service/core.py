@@ -122,7 +122,7 @@ class ServiceState:
             self.status, self.reason = "failed", reason
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 

@@ -146,9 +146,11 @@ class Model:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = settings.effective_intra_op_threads
         options.inter_op_num_threads = 1
-        # Spinning threads burn the cores that decoding and the HTTP loop need between batches.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        # Spinning is onnxruntime's default; turning it off measured no gain at c=32 and a slower c=1
+        # here (bench/run.py), so it is a setting for hosts where idle cores matter more.
+        if not settings.ort_spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(blob, sess_options=options, providers=_providers(settings))
         except Exception as e:  # onnxruntime raises its own exception types for corrupt or unsupported files

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
         "auto", description="auto: CUDA if it really works, else CPU; cuda: never ready without CUDA; cpu"
     )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads per inference (0 = usable cores)")
+    ort_spinning: bool = Field(True, description="onnxruntime worker threads spin between parallel sections")
     cuda_device_id: int = Field(0, ge=0)
     io_binding: Literal["auto", "on", "off"] = Field(
         "auto", description="onnxruntime IO binding (auto: on with CUDA, where it saves a copy per batch)"

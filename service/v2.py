@@ -315,7 +315,7 @@ def model_metadata_of(spec: ModelSpec) -> ModelMetadata:
 # --- routes ---------------------------------------------------------------------------------------------------------
 
 
-def served_model(state: State, _: Authorized, name: str) -> Serving:
+async def served_model(state: State, _: Authorized, name: str) -> Serving:
     """The served model, if it is the one the path names. The key is checked first, so that without one
     a client cannot tell which model names exist."""
     serving = state.require_ready()
@@ -327,7 +327,7 @@ def served_model(state: State, _: Authorized, name: str) -> Serving:
 Served = Annotated[Serving, Depends(served_model)]
 
 
-def served_version(serving: Served, name: str, version: str) -> None:
+async def served_version(serving: Served, name: str, version: str) -> None:
     """The /versions/{version} forms: the version must be the one served (FastAPI runs served_model once)."""
     if version != serving.model.spec.version:
         raise UnknownModel(f"unknown version {version!r} of model {name!r}")
