@@ -276,8 +276,9 @@ def markdown(cells: dict, alone: dict, rows: list, meta: dict) -> str:
                     img = f" ({x['img_s']:.0f})" if payload == "multipart32" else ""
                     row += f" {x['req_s']:.0f}{img} {x['p50_ms']:.1f}/{x['p99_ms']:.1f} |"
                 lines.append(row)
-    lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
-    lines += [f"| {name} | {value:.2f} | {goal} | {'yes' if ok else 'no'} |" for name, value, goal, ok in rows]
+    if rows:
+        lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
+        lines += [f"| {name} | {value:.2f} | {goal} | {'yes' if ok else 'no'} |" for name, value, goal, ok in rows]
     return "\n".join(lines) + "\n"
 
 
