@@ -112,3 +112,29 @@ def live_server(tmp_path):
     yield start
     for s in servers:
         s.stop()
+
+
+def loading_as(cls):
+    """A ``load_model`` for ``create_app`` that loads the real model, then gives it ``cls``'s behaviour
+    (a ``Model`` subclass): the seam fault-injection tests use instead of patching onnxruntime."""
+
+    def load(settings):
+        from service.runtime import Model
+
+        model = Model.load(settings)
+        model.__class__ = cls
+        return model
+
+    return load
+
+
+def loading_after(gate):
+    """A ``load_model`` that loads the real model only once ``gate`` (a threading.Event) is set."""
+
+    def load(settings):
+        from service.runtime import Model
+
+        gate.wait(30)
+        return Model.load(settings)
+
+    return load

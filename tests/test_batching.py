@@ -18,6 +18,7 @@ from service.errors import InferenceFailed, QueueFull
 from service.preprocessing import Preprocessor
 from service.runtime import Model, softmax
 from service.settings import Settings
+from tests.conftest import loading_as
 from tests.images import encode, one_per_class, validation_digits
 from tests.test_service import wait_ready
 
@@ -233,10 +234,7 @@ class SlowModel(Model):
 
 
 def test_request_past_deadline_gets_504_and_its_work_is_dropped(default_model):
-    def load(s: Settings) -> Model:
-        m = Model.load(s)
-        m.__class__ = SlowModel
-        return m
+    load = loading_as(SlowModel)
 
     settings = Settings(model_path=default_model, request_timeout_ms=100, max_batch_size=1)
     with TestClient(create_app(settings, load_model=load)) as c:
@@ -274,10 +272,7 @@ class FailsSecondBatch(Model):
 
 
 def test_failed_batch_fails_each_of_its_requests_with_500_then_serves(default_model):
-    def load(s: Settings) -> Model:
-        m = Model.load(s)
-        m.__class__ = FailsSecondBatch
-        return m
+    load = loading_as(FailsSecondBatch)
 
     png = encode(one_per_class()[0][0], "PNG")
     with TestClient(create_app(Settings(model_path=default_model), load_model=load)) as c:

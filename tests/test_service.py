@@ -20,7 +20,7 @@ from PIL import Image
 from service.app import create_app
 from service.runtime import Model
 from service.settings import Settings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, loading_after, loading_as
 from tests.images import FORMATS, bomb_png, encode, one_per_class, validation_digits
 
 
@@ -221,9 +221,7 @@ class TestBeforeReady:
     def test_predict_and_ready_503_live_200_while_loading(self, settings):
         gate = threading.Event()
 
-        def slow_load(s: Settings) -> Model:
-            gate.wait(30)
-            return Model.load(s)
+        slow_load = loading_after(gate)
 
         for c in serve(settings, load_model=slow_load):
             r = c.get("/health/ready")
@@ -316,10 +314,7 @@ def test_unexpected_failure_gives_500_with_logged_error_id_then_serves(settings,
                 raise RuntimeError("injected onnxruntime failure")
             return super().run(x)
 
-    def load(s: Settings) -> Model:
-        m = Model.load(s)
-        m.__class__ = FailsOnce
-        return m
+    load = loading_as(FailsOnce)
 
     for c in serve(settings, load_model=load):
         wait_ready(c)

@@ -22,7 +22,7 @@ from service.app import create_app
 from service.preprocessing import Preprocessor
 from service.runtime import Model, ModelSpec, softmax
 from service.settings import Settings
-from tests.conftest import LiveServer, running_server
+from tests.conftest import LiveServer, loading_after, loading_as, running_server
 from tests.images import bomb_png, encode, one_per_class
 
 HEADER = "Inference-Header-Content-Length"
@@ -362,9 +362,7 @@ class TestBeforeReady:
     def test_v2_ready_and_infer_503_live_200_while_loading(self, default_model):
         gate = threading.Event()
 
-        def slow_load(s: Settings) -> Model:
-            gate.wait(30)
-            return Model.load(s)
+        slow_load = loading_after(gate)
 
         with serve(default_model, load_model=slow_load) as c:
             r = c.get("/v2/health/live")
@@ -394,10 +392,7 @@ def test_infer_unexpected_failure_gives_500_with_logged_error_id_then_serves(def
                 raise RuntimeError("injected onnxruntime failure")
             return super().run(x)
 
-    def load(s: Settings) -> Model:
-        m = Model.load(s)
-        m.__class__ = FailsOnce
-        return m
+    load = loading_as(FailsOnce)
 
     with serve(default_model, load_model=load) as c:
         wait_ready(c)
