@@ -19,7 +19,10 @@ from PIL import Image
 
 
 def create() -> FastAPI:
-    session = ort.InferenceSession(os.environ["NAIVE_MODEL"], providers=["CPUExecutionProvider"])
+    # NAIVE_DEVICE=cuda: the same app as one would write it for a GPU (bench/run.py --device cuda).
+    gpu = os.environ.get("NAIVE_DEVICE") == "cuda"
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(os.environ["NAIVE_MODEL"], providers=providers)
     meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
     h, w = meta["input_size"]
     mean = np.asarray(meta["mean"], np.float32).reshape(-1, 1, 1)

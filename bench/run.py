@@ -37,7 +37,13 @@ PAYLOADS = ("png32", "jpeg640", "jpeg12mp", "multipart32")
 SERVERS = ("naive_app", "batching_off", "batching_on")
 # Extra variants for choosing defaults (--servers): 2 uvicorn workers with 1 onnxruntime thread each.
 VARIANTS = {"batching_off": {"RESNET_MAX_BATCH_SIZE": "1"},
-            "batching_on_w2": {"RESNET_WORKERS": "2", "RESNET_INTRA_OP_THREADS": "1", "RESNET_DECODE_THREADS": "1"}}
+            "batching_on_w2": {"RESNET_WORKERS": "2", "RESNET_INTRA_OP_THREADS": "1", "RESNET_DECODE_THREADS": "1"},
+            # GPU hosts have the cores: 4 processes decode in parallel and share the one GPU.
+            "batching_on_w4": {"RESNET_WORKERS": "4", "RESNET_DECODE_THREADS": "4"},
+            # onnxruntime's CPU pool idle: on CUDA it only runs the few CPU nodes, and spinning threads steal cores.
+            "batching_on_t1": {"RESNET_INTRA_OP_THREADS": "1", "RESNET_ORT_SPINNING": "false"},
+            "batching_on_w4_t1": {"RESNET_WORKERS": "4", "RESNET_DECODE_THREADS": "4", "RESNET_INTRA_OP_THREADS": "1",
+                                  "RESNET_ORT_SPINNING": "false"}}
 HEAVY = {"jpeg12mp": 2, "multipart32": 2}  # cell duration multiplier: slow requests need longer windows
 
 
@@ -104,27 +110,79 @@ def random_resnet50(path: Path) -> Path:
     return path
 
 
+def half_precision(src: Path, path: Path) -> Path:
+    """The same model with float16 weights (float32 input/outputs), as ``model.export --fp16`` writes it."""
+    if path.exists():
+        return path
+    import onnx
+
+    from model.export import to_fp16
+
+    onnx.save(to_fp16(onnx.load(src)), path)
+    return path
+
+
 # --- onnxruntime alone --------------------------------------------------------------------------
 
 
-def ort_alone(model: Path, seconds: float) -> dict:
+def ort_alone(model: Path, seconds: float, device: str = "cpu",
+              batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> dict:
+    """img/s of onnxruntime by itself at each batch size: the ceiling the service is measured against.
+
+    On CUDA three ways of feeding it, with the provider options the service uses: ``numpy`` (plain
+    ``session.run``), ``io_binding`` (host input bound, logits written to host memory: what the service
+    does) and ``on_device`` (input already on the GPU, logits left there: the raw model, no transfers).
+    """
     import onnxruntime as ort
+
+    from service.runtime import CUDA, providers
+    from service.settings import Settings
 
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model), options, providers=providers(Settings(device=device)))
+    if device == "cuda" and session.get_providers()[0] != CUDA:
+        raise SystemExit(f"--device cuda, but onnxruntime runs on {session.get_providers()[0]}")
     shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]
-    per_batch = {}
-    for n in (1, 2, 4, 8, 16, 32, 64):
-        x = np.random.default_rng(0).standard_normal((n, *shape[1:])).astype(np.float32)
-        session.run(None, {"input": x})
-        runs, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 7:
-            session.run(["logits"], {"input": x})
-            runs += 1
-        per_batch[n] = runs * n / (time.perf_counter() - start)
+
+    def numpy_run(x: np.ndarray):
+        return lambda: session.run(["logits"], {"input": x})
+
+    def host_binding(x: np.ndarray):
+        def run():
+            binding = session.io_binding()
+            binding.bind_cpu_input("input", x)
+            binding.bind_output("logits", "cpu")
+            session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()
+        return run
+
+    def on_device(x: np.ndarray):
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("input", ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+        binding.bind_output("logits", "cuda")
+        return lambda: session.run_with_iobinding(binding)
+
+    modes = {"numpy": numpy_run}
+    if device == "cuda":
+        modes.update(io_binding=host_binding, on_device=on_device)
+    per_mode: dict[str, dict[int, float]] = {}
+    for mode, make in modes.items():
+        per_mode[mode] = {}
+        for n in batches:
+            run = make(np.random.default_rng(0).standard_normal((n, *shape[1:])).astype(np.float32))
+            for _ in range(3):  # first runs allocate (and on CUDA choose conv algorithms)
+                run()
+            runs, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / (len(batches) * len(modes)):
+                run()
+                runs += 1
+            per_mode[mode][n] = runs * n / (time.perf_counter() - start)
+    # The figure quoted for the service's ceiling is the way the service feeds the model.
+    per_batch = per_mode["io_binding" if device == "cuda" else "numpy"]
     best = max(per_batch, key=per_batch.get)
-    return {"batch1_img_s": per_batch[1], "best_batch": best, "best_img_s": per_batch[best], "per_batch": per_batch}
+    return {"device": device, "batch1_img_s": per_batch[1], "best_batch": best, "best_img_s": per_batch[best],
+            "per_batch": per_batch, "modes": per_mode}
 
 
 # --- servers and load ---------------------------------------------------------------------------
@@ -150,14 +208,14 @@ class Server:
             self.proc.wait()
 
 
-def start_server(kind: str, model: Path, log: Path) -> Server:
+def start_server(kind: str, model: Path, log: Path, device: str = "cpu") -> Server:
     import httpx
 
     port = free_port()
     env = {**os.environ, "RESNET_MODEL_PATH": str(model), "RESNET_HOST": "127.0.0.1", "RESNET_PORT": str(port),
            "RESNET_LOG_LEVEL": "warning", "RESNET_MAX_UPLOAD_BYTES": str(50 * 2**20), "NAIVE_MODEL": str(model),
            # room for 64 clients x 32 images: the naive app queues without limit, so 429s would not compare
-           "RESNET_MAX_QUEUE": "4096"}
+           "RESNET_MAX_QUEUE": "4096", "RESNET_DEVICE": device, "NAIVE_DEVICE": device}
     if kind == "naive_app":
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "bench.naive_app:create", "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "warning", "--no-access-log"]
@@ -171,7 +229,9 @@ def start_server(kind: str, model: Path, log: Path) -> Server:
         if proc.poll() is not None:
             raise RuntimeError(f"{kind} exited: {log.read_text()[-1500:]}")
         try:
-            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
+            # Each worker process loads its own model and the port hands connections to any of them:
+            # ready once many fresh connections in a row all land on ready workers.
+            if all(httpx.get(url + "/health/ready", timeout=2).status_code == 200 for _ in range(40)):
                 return Server(proc, url)
         except httpx.TransportError:
             pass
@@ -259,8 +319,10 @@ def markdown(cells: dict, alone: dict, rows: list, meta: dict) -> str:
     lines = [f"Measured {meta['date']} on {meta['machine']}; {meta['repeats']} repeat(s), {meta['seconds']} s per "
              f"cell, medians. Load: wrk, 1 thread, on 127.0.0.1.", ""]
     for model, a in alone.items():
-        lines.append(f"- onnxruntime alone, {model}: batch 1 -> {a['batch1_img_s']:.0f} img/s; best (batch "
-                     f"{a['best_batch']}) -> {a['best_img_s']:.0f} img/s")
+        for mode, per_batch in a["modes"].items():
+            best = max(per_batch, key=per_batch.get)
+            lines.append(f"- onnxruntime alone on {a['device']}, {model}, {mode}: batch 1 -> {per_batch[1]:.0f} img/s; "
+                         f"best (batch {best}) -> {per_batch[best]:.0f} img/s")
     names = list(dict.fromkeys(s for servers in cells.values() for s in servers))
     lines += ["", "| model | payload | c | " + " | ".join(f"{s} req/s (img/s) p50/p99 ms" for s in names) + " |",
               "|---|---|---|" + "---|" * len(names)]
@@ -274,8 +336,18 @@ def markdown(cells: dict, alone: dict, rows: list, meta: dict) -> str:
                         row += " - |"
                         continue
                     img = f" ({x['img_s']:.0f})" if payload == "multipart32" else ""
-                    row += f" {x['req_s']:.0f}{img} {x['p50_ms']:.1f}/{x['p99_ms']:.1f} |"
+                    bad = f" **{x['non_2xx']:.0f} non-2xx**" if x["non_2xx"] else ""
+                    row += f" {x['req_s']:.0f}{img} {x['p50_ms']:.1f}/{x['p99_ms']:.1f}{bad} |"
                 lines.append(row)
+    for model, servers in cells.items():  # the service end to end against the model by itself
+        raw = max(max(per_batch.values()) for per_batch in alone[model]["modes"].values())
+        for payload in PAYLOADS:
+            ours = [(x["img_s"], s, c) for s, srv in servers.items() if s != "naive_app"
+                    for c, x in srv.get(payload, {}).items() if not x["non_2xx"]]
+            if ours:
+                best = max(ours)
+                lines.append(f"- {model} {payload}: service best {best[0]:.0f} img/s ({best[1]}, c={best[2]}) = "
+                             f"{best[0] / raw:.2f} of onnxruntime alone's best {raw:.0f} img/s")
     if rows:
         lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
         lines += [f"| {name} | {value:.2f} | {goal} | {'yes' if ok else 'no'} |" for name, value, goal, ok in rows]
@@ -295,8 +367,9 @@ def plot(cells: dict, path: Path) -> None:
     for i, model in enumerate(models):
         for j, payload in enumerate(PAYLOADS):
             top, bottom = axes[2 * i][j], axes[2 * i + 1][j]
-            for server, (colour, ls) in styles.items():
-                data = cells[model].get(server, {}).get(payload)
+            for server in cells[model]:
+                colour, ls = styles.get(server, (None, "-."))
+                data = cells[model][server].get(payload)
                 if not data:
                     continue
                 cs = sorted(data)
@@ -316,6 +389,18 @@ def plot(cells: dict, path: Path) -> None:
     fig.savefig(path, dpi=80)
 
 
+def machine(device: str) -> str:
+    import onnxruntime as ort
+
+    text = (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"onnxruntime {ort.__version__}")
+    if device == "cuda":
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip()
+        text += f", GPU {gpu}"
+    return text
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -328,31 +413,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"of {SERVERS + tuple(VARIANTS)}")
     parser.add_argument("--payloads", default=",".join(PAYLOADS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where onnxruntime runs, alone and in the servers (cuda needs onnxruntime-gpu)")
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    parser.add_argument("--batches", default="1,2,4,8,16,32,64", help="batch sizes for onnxruntime alone")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed for the load: apt-get install wrk (Debian/Ubuntu) or brew install wrk")
-    concurrency, payloads = CONCURRENCY, args.payloads.split(",")
+    concurrency, payloads = tuple(int(c) for c in args.concurrency.split(",")), args.payloads.split(",")
     models, servers = args.models.split(","), args.servers.split(",")
     if args.quick:
         args.repeats, args.seconds, models, concurrency = 1, 2, ["resnet20"], (1, 8, 32)
     args.out.mkdir(parents=True, exist_ok=True)
     inputs = write_payloads(args.out / "payloads")
     model_files = {"resnet20": ROOT / "models" / "default.onnx"}
-    if "resnet50" in models:
+    if {"resnet50", "resnet50-fp16"} & set(models):
         model_files["resnet50"] = random_resnet50(args.out / "resnet50-random.onnx")
+    if "resnet50-fp16" in models:
+        model_files["resnet50-fp16"] = half_precision(model_files["resnet50"], args.out / "resnet50-random-fp16.onnx")
     log = args.out / "servers.log"
     log.write_text("")
 
-    alone = {m: ort_alone(model_files[m], 7.0 if not args.quick else 3.5) for m in models}
+    batches = tuple(int(n) for n in args.batches.split(","))
+    alone = {m: ort_alone(model_files[m], 7.0 if not args.quick else 3.5, args.device, batches) for m in models}
     for m, a in alone.items():
-        print(f"onnxruntime alone {m}: batch 1 {a['batch1_img_s']:.0f} img/s, best batch {a['best_batch']} "
-              f"{a['best_img_s']:.0f} img/s", flush=True)
+        for mode, per_batch in a["modes"].items():
+            print(f"onnxruntime alone {m} on {args.device} ({mode}): " +
+                  ", ".join(f"b{n} {v:.0f}" for n, v in per_batch.items()) + " img/s", flush=True)
     runs = []
     for repeat in range(args.repeats):
         cells = {}
         for m in models:
             for server in servers:
-                srv = start_server(server, model_files[m], log)
+                srv = start_server(server, model_files[m], log, args.device)
                 try:
                     for payload in payloads:
                         body, ctype, n = inputs[payload]
@@ -368,10 +461,9 @@ def main(argv: list[str] | None = None) -> None:
         runs.append({"cells": cells})
 
     medians = median_cells(runs)
-    rows = targets(medians, alone)
-    meta = {"date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "seconds": args.seconds,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}, Python "
-                       f"{platform.python_version()}",
+    rows = targets(medians, alone) if args.device == "cpu" else []  # the targets are this machine's CPU
+    meta = {"date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "seconds": args.seconds, "device": args.device,
+            "machine": machine(args.device),
             "command": "python -m bench.run " + " ".join(argv or sys.argv[1:])}
     serialisable = [{"cells": [{"model": k[0], "server": k[1], "payload": k[2], "c": k[3], **v}
                                for k, v in r["cells"].items()]} for r in runs]

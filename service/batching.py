@@ -159,6 +159,10 @@ class MicroBatcher(Generic[M]):
                 batch = self._take(self.max_batch_size)
         return batch
 
+    def _stack_and_run(self, model: M, xs: list[np.ndarray]) -> np.ndarray:
+        # Stacked on the inference thread: 32 images at 224x224 are a 19 MB copy (ms), too long for the loop.
+        return self.run(model, np.stack(xs))  # (N, C, H, W)
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -169,9 +173,8 @@ class MicroBatcher(Generic[M]):
                 continue
             model = batch[0].model
             start = time.perf_counter()
-            x = np.stack([it.x for it in batch])  # (N, C, H, W)
             try:
-                logits = await loop.run_in_executor(self.executor, self.run, model, x)
+                logits = await loop.run_in_executor(self.executor, self._stack_and_run, model, [it.x for it in batch])
             except asyncio.CancelledError:
                 for it in batch:
                     if not it.future.done():

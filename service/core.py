@@ -172,8 +172,8 @@ async def classify_images(state: ServiceState, request: Request, images: list[by
         if len(data) > INLINE_BYTES:
             return await loop.run_in_executor(state.decode_pool, pre, data)
         opened = pre.open(data)  # header only: bad and oversized images are refused before any decoding
-        return pre.finish(opened) if opened.small else await loop.run_in_executor(state.decode_pool, pre.finish,
-                                                                                     opened)
+        return pre.finish(opened) if pre.inline(opened) else await loop.run_in_executor(state.decode_pool,
+                                                                                          pre.finish, opened)
 
     async def work() -> Classified:
         with batcher.reserve(len(images)) as reservation:

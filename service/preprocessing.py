@@ -55,8 +55,10 @@ def icon_pixels(data: bytes) -> int:
     return most
 
 
-# Images up to this many pixels are decoded on the event loop: for a 32x32 PNG (50 us) a hop to a
-# thread and back costs more than the work. Larger ones go to the decode pool.
+# Images up to this many pixels, for models whose input is no larger, are decoded on the event loop:
+# for a 32x32 PNG (50 us) a hop to a thread and back costs more than the work. Anything else goes to the
+# decode pool: resizing even a 32x32 PNG to a 224x224 input and normalising it costs 1.3-2 ms, and 32 of
+# them in one multipart request held the loop ~40 ms (measured on an H200 host, Server-Timing).
 INLINE_PIXELS = 128 * 128
 # ...and only from bodies this small: opening parses metadata too, and Pillow inflates a PNG's zTXt and
 # iCCP chunks up to 64 MB (a 68 kB PNG held the loop ~0.4 s, tests/test_bombs.py). Deflate expands at
@@ -68,10 +70,6 @@ INLINE_BYTES = 4096
 class Opened:
     image: Image.Image  # header read, pixels not yet decoded
     seconds: float
-
-    @property
-    def small(self) -> bool:
-        return self.image.width * self.image.height <= INLINE_PIXELS
 
 
 @dataclass
@@ -88,7 +86,13 @@ class Preprocessor:
         self.mean = np.asarray(spec.mean, np.float32).reshape(-1, 1, 1)
         self.std = np.asarray(spec.std, np.float32).reshape(-1, 1, 1)
         self.resample = RESAMPLE[spec.resize]
+        h, w = spec.input_size
+        self.small_input = h * w <= INLINE_PIXELS
         Image.init()  # register every format plugin now, not on the first request (tens of ms)
+
+    def inline(self, opened: Opened) -> bool:
+        """Cheap enough to finish on the event loop: a small image for a model with a small input."""
+        return self.small_input and opened.image.width * opened.image.height <= INLINE_PIXELS
 
     def open(self, data: bytes) -> Opened:
         """Read the header only and check the declared size against the pixel limit: cheap, nothing

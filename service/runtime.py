@@ -109,13 +109,16 @@ def read_spec(session: ort.InferenceSession, path: Path, digest: str, name: str 
     )
 
 
-def _providers(settings: Settings) -> list:
+def providers(settings: Settings) -> list:
+    """Execution providers to ask onnxruntime for, in order, with the options we run CUDA with."""
     cuda = (CUDA, {
         "device_id": settings.cuda_device_id,
         # EXHAUSTIVE benchmarks every conv algorithm on each new shape: first requests take seconds.
         "cudnn_conv_algo_search": "HEURISTIC",
         # Grow the arena by what is asked, not by doubling, so memory tracks the largest batch.
         "arena_extend_strategy": "kSameAsRequested",
+        # onnxruntime's default is on; off keeps float32 answers equal to the CPU's (Settings.cuda_tf32).
+        "use_tf32": "1" if settings.cuda_tf32 else "0",
     })
     if settings.device == "cpu":
         return [CPU]
@@ -152,7 +155,7 @@ class Model:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
-            session = ort.InferenceSession(blob, sess_options=options, providers=_providers(settings))
+            session = ort.InferenceSession(blob, sess_options=options, providers=providers(settings))
         except Exception as e:  # onnxruntime raises its own exception types for corrupt or unsupported files
             raise ModelLoadError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:300]}") from e
         # Decide from what the session really uses, never from get_available_providers()/get_device(),

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads per inference (0 = usable cores)")
     ort_spinning: bool = Field(True, description="onnxruntime worker threads spin between parallel sections")
     cuda_device_id: int = Field(0, ge=0)
+    # Off: on an H200, TF32 convolutions moved the default model's probabilities by up to 1.1e-3 from the CPU's,
+    # full float32 by 5.5e-7 (bench on the device, see README). For speed, an --fp16 export is the better lever.
+    cuda_tf32: bool = Field(False, description="let cuDNN use TF32 tensor cores for float32 convolutions")
     io_binding: Literal["auto", "on", "off"] = Field(
         "auto", description="onnxruntime IO binding (auto: on with CUDA, where it saves a copy per batch)"
     )

@@ -53,3 +53,19 @@ def test_service_preprocessing_equals_model_eval_transform(pre, case):
     got = service(data).x
     assert got.shape == want.shape == (pre.channels, *pre.input_size)
     assert np.abs(got - want).max() <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("image_size", "input_size", "inline"),
+    [
+        pytest.param((32, 32), (32, 32), True, id="digit-for-resnet20"),
+        pytest.param((128, 128), (32, 32), True, id="largest-inline-image"),
+        pytest.param((129, 128), (32, 32), False, id="larger-image-to-pool"),
+        pytest.param((32, 32), (224, 224), False, id="small-image-large-input-to-pool"),
+    ],
+)
+def test_inline_decode_only_when_image_and_model_input_are_small(image_size, input_size, inline):
+    """The event loop finishes only cheap images: resizing to a 224x224 input costs ms even from 32x32."""
+    spec = spec_for(Preprocessing(input_size=input_size, colour_mode="RGB", mean=(0.5,) * 3, std=(0.25,) * 3))
+    pre = Preprocessor(spec, 10**7)
+    assert pre.inline(pre.open(encode(photo(*image_size), "PNG"))) is inline

@@ -384,6 +384,24 @@ print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))
 
 
 @pytest.mark.parametrize(
+    ("settings", "names", "tf32"),
+    [
+        pytest.param({"device": "cpu"}, ["CPUExecutionProvider"], None, id="cpu"),
+        pytest.param({"device": "cuda"}, ["CUDAExecutionProvider", "CPUExecutionProvider"], "0", id="cuda-exact"),
+        pytest.param({"device": "cuda", "cuda_tf32": True}, ["CUDAExecutionProvider", "CPUExecutionProvider"], "1",
+                     id="cuda-tf32"),
+    ],
+)
+def test_providers_follow_device_and_tf32_settings(settings, names, tf32):
+    from service.runtime import providers
+
+    chosen = providers(Settings(**settings))
+    assert [p if isinstance(p, str) else p[0] for p in chosen] == names, chosen
+    if tf32 is not None:
+        assert chosen[0][1]["use_tf32"] == tf32, chosen
+
+
+@pytest.mark.parametrize(
     ("env", "message"),
     [
         pytest.param({"RESNET_DEVICE": "tpu"}, "device", id="bad-device"),
