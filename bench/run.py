@@ -208,9 +208,14 @@ class Server:
             self.proc.wait()
 
 
-def start_server(kind: str, model: Path, log: Path, device: str = "cpu") -> Server:
+def start_server(kind: str, model: Path, log: Path, device: str = "cpu",
+                 trees: dict[str, Path] | None = None) -> Server:
+    """kind: naive_app, batching_on, a VARIANTS key, or any of those as ``kind@REF`` to run the code of git
+    revision REF (checked out in ``trees[REF]``) side by side with the working tree's."""
     import httpx
 
+    kind, _, ref = kind.partition("@")
+    cwd = trees[ref] if ref else ROOT
     port = free_port()
     env = {**os.environ, "RESNET_MODEL_PATH": str(model), "RESNET_HOST": "127.0.0.1", "RESNET_PORT": str(port),
            "RESNET_LOG_LEVEL": "warning", "RESNET_MAX_UPLOAD_BYTES": str(50 * 2**20), "NAIVE_MODEL": str(model),
@@ -222,7 +227,7 @@ def start_server(kind: str, model: Path, log: Path, device: str = "cpu") -> Serv
     else:
         cmd = [sys.executable, "-m", "service"]
         env.update(VARIANTS.get(kind, {}))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -384,7 +389,8 @@ def plot(cells: dict, path: Path) -> None:
                 ax.set_xscale("log", base=2)
                 ax.set_xlabel("concurrency")
                 ax.grid(alpha=0.3)
-            top.legend(fontsize=7)
+            if top.lines:
+                top.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
@@ -417,11 +423,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="where onnxruntime runs, alone and in the servers (cuda needs onnxruntime-gpu)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
     parser.add_argument("--batches", default="1,2,4,8,16,32,64", help="batch sizes for onnxruntime alone")
+    parser.add_argument("--against", metavar="REF", help="also run each of our servers as of git revision REF "
+                        "(e.g. HEAD, main~3), interleaved with the working tree's: a before/after in one run")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed for the load: apt-get install wrk (Debian/Ubuntu) or brew install wrk")
     concurrency, payloads = tuple(int(c) for c in args.concurrency.split(",")), args.payloads.split(",")
     models, servers = args.models.split(","), args.servers.split(",")
+    trees = {}
+    if args.against:
+        trees[args.against] = args.out / f"tree-{re.sub(r'[^A-Za-z0-9_.-]', '_', args.against)}"
+        if trees[args.against].exists():  # REF may name another commit than last time (HEAD, a branch)
+            subprocess.run(["git", "worktree", "remove", "--force", str(trees[args.against])], cwd=ROOT, check=True)
+        subprocess.run(["git", "worktree", "add", "--detach", str(trees[args.against]), args.against], cwd=ROOT,
+                       check=True)
+        servers = [x for s in servers for x in ([s] if s == "naive_app" else [s, f"{s}@{args.against}"])]
     if args.quick:
         args.repeats, args.seconds, models, concurrency = 1, 2, ["resnet20"], (1, 8, 32)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -444,8 +460,10 @@ def main(argv: list[str] | None = None) -> None:
     for repeat in range(args.repeats):
         cells = {}
         for m in models:
-            for server in servers:
-                srv = start_server(server, model_files[m], log, args.device)
+            # Odd repeats go through the servers backwards, so drift in a shared machine's load does not
+            # favour whichever server always comes first.
+            for server in servers if repeat % 2 == 0 else servers[::-1]:
+                srv = start_server(server, model_files[m], log, args.device, trees)
                 try:
                     for payload in payloads:
                         body, ctype, n = inputs[payload]

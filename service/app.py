@@ -125,13 +125,12 @@ def build_response(classified: Classified, top_k: int, started: float) -> JSONRe
     spec = model.spec
     probs = softmax(classified.logits)  # (N, classes), float64
     k = min(top_k, len(spec.labels))
-    predictions = []
-    for p in probs:
-        order = np.argsort(-p, kind="stable")[:k]
-        predictions.append({
-            "probabilities": p.tolist(),
-            "top_k": [{"label": spec.labels[i], "index": int(i), "probability": float(p[i])} for i in order],
-        })
+    orders = np.argsort(-probs, axis=1, kind="stable")[:, :k].tolist()  # one numpy call for the whole batch
+    labels = spec.labels
+    predictions = [
+        {"probabilities": p, "top_k": [{"label": labels[i], "index": i, "probability": p[i]} for i in order]}
+        for p, order in zip(probs.tolist(), orders, strict=True)
+    ]
     body = {"model": {"name": spec.name, "version": spec.version}, "provider": model.provider,
             "predictions": predictions}
     headers = {

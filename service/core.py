@@ -168,16 +168,32 @@ async def classify_images(state: ServiceState, request: Request, images: list[by
 
     pre = serving.preprocessor
 
-    async def prepare(data: bytes) -> Decoded:
-        if len(data) > INLINE_BYTES:
-            return await loop.run_in_executor(state.decode_pool, pre, data)
-        opened = pre.open(data)  # header only: bad and oversized images are refused before any decoding
-        return pre.finish(opened) if pre.inline(opened) else await loop.run_in_executor(state.decode_pool,
-                                                                                          pre.finish, opened)
+    async def decode_all() -> list[Decoded]:
+        # Small images are finished right here, in order; only the rest become futures on the decode pool
+        # (no task per image: for a multipart request of 32 digits the tasks cost more than the decoding).
+        decoded: list[Decoded | asyncio.Future] = []
+        try:
+            for data in images:
+                if len(data) > INLINE_BYTES:
+                    decoded.append(loop.run_in_executor(state.decode_pool, pre, data))
+                    continue
+                opened = pre.open(data)  # header only: bad and oversized images are refused before decoding
+                decoded.append(pre.finish(opened) if pre.inline(opened)
+                               else loop.run_in_executor(state.decode_pool, pre.finish, opened))
+        except BaseException:
+            for d in decoded:  # a bad image fails the request: its siblings' results are not wanted
+                if isinstance(d, asyncio.Future):
+                    d.cancel()
+            raise
+        pending = [d for d in decoded if isinstance(d, asyncio.Future)]
+        if not pending:
+            return decoded
+        done = iter(await asyncio.gather(*pending))
+        return [next(done) if isinstance(d, asyncio.Future) else d for d in decoded]
 
     async def work() -> Classified:
         with batcher.reserve(len(images)) as reservation:
-            decoded = await asyncio.gather(*(prepare(data) for data in images))
+            decoded = await decode_all()
             results = await reservation.submit([d.x for d in decoded], serving.model)
         return Classified(decoded, results)
 
