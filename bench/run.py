@@ -39,6 +39,7 @@ SERVERS = ("naive_app", "batching_off", "batching_on")
 VARIANTS = {"batching_off": {"RESNET_MAX_BATCH_SIZE": "1"},
             "batching_on_w2": {"RESNET_WORKERS": "2", "RESNET_INTRA_OP_THREADS": "1", "RESNET_DECODE_THREADS": "1"},
             # GPU hosts have the cores: 4 processes decode in parallel and share the one GPU.
+            "batching_on_nospin": {"RESNET_ORT_SPINNING": "false"},
             "batching_on_w4": {"RESNET_WORKERS": "4", "RESNET_DECODE_THREADS": "4"},
             # onnxruntime's CPU pool idle: on CUDA it only runs the few CPU nodes, and spinning threads steal cores.
             "batching_on_t1": {"RESNET_INTRA_OP_THREADS": "1", "RESNET_ORT_SPINNING": "false"},
@@ -183,6 +184,16 @@ def ort_alone(model: Path, seconds: float, device: str = "cpu",
     best = max(per_batch, key=per_batch.get)
     return {"device": device, "batch1_img_s": per_batch[1], "best_batch": best, "best_img_s": per_batch[best],
             "per_batch": per_batch, "modes": per_mode}
+
+
+def median_alone(runs: list[dict]) -> dict:
+    """onnxruntime alone over repeats: the median img/s at each batch size, for each way of feeding it."""
+    modes = {mode: {n: statistics.median(r["modes"][mode][n] for r in runs) for n in runs[0]["modes"][mode]}
+             for mode in runs[0]["modes"]}
+    per_batch = modes["io_binding" if runs[0]["device"] == "cuda" else "numpy"]
+    best = max(per_batch, key=per_batch.get)
+    return {"device": runs[0]["device"], "batch1_img_s": per_batch[1], "best_batch": best,
+            "best_img_s": per_batch[best], "per_batch": per_batch, "modes": modes}
 
 
 # --- servers and load ---------------------------------------------------------------------------
@@ -450,16 +461,18 @@ def main(argv: list[str] | None = None) -> None:
     log = args.out / "servers.log"
     log.write_text("")
 
-    batches = tuple(int(n) for n in args.batches.split(","))
-    alone = {m: ort_alone(model_files[m], 7.0 if not args.quick else 3.5, args.device, batches) for m in models}
-    for m, a in alone.items():
-        for mode, per_batch in a["modes"].items():
-            print(f"onnxruntime alone {m} on {args.device} ({mode}): " +
-                  ", ".join(f"b{n} {v:.0f}" for n, v in per_batch.items()) + " img/s", flush=True)
+    batches = tuple(sorted({1, *(int(n) for n in args.batches.split(","))}))  # batch 1 is always reported
+    alone_runs: dict[str, list[dict]] = {m: [] for m in models}
     runs = []
     for repeat in range(args.repeats):
         cells = {}
         for m in models:
+            # onnxruntime alone in every repeat too: the ratios to it then see the same machine load.
+            a = ort_alone(model_files[m], 7.0 if not args.quick else 3.5, args.device, batches)
+            alone_runs[m].append(a)
+            for mode, per_batch in a["modes"].items():
+                print(f"[{repeat + 1}/{args.repeats}] onnxruntime alone {m} on {args.device} ({mode}): " +
+                      ", ".join(f"b{n} {v:.0f}" for n, v in per_batch.items()) + " img/s", flush=True)
             # Odd repeats go through the servers backwards, so drift in a shared machine's load does not
             # favour whichever server always comes first.
             for server in servers if repeat % 2 == 0 else servers[::-1]:
@@ -478,7 +491,10 @@ def main(argv: list[str] | None = None) -> None:
                     srv.stop()
         runs.append({"cells": cells})
 
+    for tree in trees.values():  # the checkout of --against REF is only for this run
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
     medians = median_cells(runs)
+    alone = {m: median_alone(a) for m, a in alone_runs.items()}
     rows = targets(medians, alone) if args.device == "cpu" else []  # the targets are this machine's CPU
     meta = {"date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "seconds": args.seconds, "device": args.device,
             "machine": machine(args.device),
