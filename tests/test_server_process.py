@@ -9,6 +9,7 @@ import time
 
 import httpx
 
+from tests.conftest import LiveServer
 from tests.images import encode, one_per_class
 
 
@@ -88,3 +89,25 @@ def test_sigterm_drains_accepted_requests_then_exits_zero(live_server):
     failures = [r for r in results if not isinstance(r, httpx.Response) or r.status_code != 200]
     assert not failures, failures
     assert all(r.json()["predictions"][0]["top_k"][0]["label"] == str(label) for r in results)
+
+
+def test_workers_accept_connections_only_once_their_model_is_ready(tmp_path):
+    """With several workers, readiness answered by one worker must hold for all: the kernel hands each new
+    connection to any of them, so none may accept while still loading (it would answer 503)."""
+    server = LiveServer({"RESNET_WORKERS": "2", "RESNET_MAX_BATCH_SIZE": "64"}, tmp_path / "server.log")
+    try:
+        seen, first_ready = [], None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (first_ready is None or time.monotonic() < first_ready + 3):
+            try:  # a fresh connection each time, so each may land on either worker
+                status = httpx.get(server.url + "/health/ready", timeout=30).status_code
+            except httpx.TransportError:
+                continue  # not listening yet
+            seen.append(status)
+            if status == 200 and first_ready is None:
+                first_ready = time.monotonic()
+        assert first_ready is not None, server.log_path.read_text()[-2000:]
+        after = seen[seen.index(200):]
+        assert set(after) == {200}, f"{after.count(503)} of {len(after)} answers after the first ready were 503"
+    finally:
+        server.stop()
