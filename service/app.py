@@ -182,12 +182,12 @@ def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = 
         state.batcher = batcher
         # Load in the background: the process answers liveness (and a 503 readiness) while it loads.
         loader = asyncio.create_task(state.load(), name="model-load")
-        if settings.workers > 1:
-            # Several workers share one listening socket and the kernel hands each connection to any of
-            # them: a worker still loading would answer 503 to traffic sent on another worker's readiness.
-            # uvicorn starts accepting only after the lifespan's startup, so each worker waits for its model.
-            await asyncio.shield(loader)
         try:
+            if settings.workers > 1:
+                # Several workers share one listening socket and the kernel hands each connection to any of
+                # them: a worker still loading would answer 503 to traffic sent on another worker's readiness.
+                # uvicorn accepts only after the lifespan's startup, so each worker waits for its model.
+                await asyncio.shield(loader)
             yield
         finally:
             undo_sighup()
