@@ -223,7 +223,6 @@ def start_server(kind: str, model: Path, log: Path, device: str = "cpu",
                  trees: dict[str, Path] | None = None) -> Server:
     """kind: naive_app, batching_on, a VARIANTS key, or any of those as ``kind@REF`` to run the code of git
     revision REF (checked out in ``trees[REF]``) side by side with the working tree's."""
-    import httpx
 
     kind, _, ref = kind.partition("@")
     cwd = trees[ref] if ref else ROOT
@@ -240,20 +239,27 @@ def start_server(kind: str, model: Path, log: Path, device: str = "cpu",
         env.update(VARIANTS.get(kind, {}))
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    wait_ready(proc, url, log, 180)
+    return Server(proc, url)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
+    """Until ``url`` answers ready; raise with the log's tail if the server exits or takes too long.
+    (With several workers the service accepts connections only once each has its model loaded.)"""
+    import httpx
+
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{kind} exited: {log.read_text()[-1500:]}")
+            raise RuntimeError(f"server exited {proc.returncode}: {log.read_text()[-1500:]}")
         try:
-            # Each worker process loads its own model and the port hands connections to any of them:
-            # ready once many fresh connections in a row all land on ready workers.
-            if all(httpx.get(url + "/health/ready", timeout=2).status_code == 200 for _ in range(40)):
-                return Server(proc, url)
+            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"{kind} not ready in time")
+    raise RuntimeError(f"server not ready within {timeout:.0f} s: {log.read_text()[-1500:]}")
 
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ import aiohttp
 import httpx
 import numpy as np
 from PIL import Image
+
+from bench.run import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,30 +81,17 @@ def distinct_digits(n: int, seed: int) -> tuple[list[bytes], list[int]]:
 # --- the server ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "RESNET_HOST": "127.0.0.1", "RESNET_PORT": str(port), "RESNET_LOG_LEVEL": "warning"}
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=open(log, "wb"),
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited {proc.returncode}: {log.read_text()[-1500:]}")
-        try:
-            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("server not ready within 120 s")
+    try:
+        wait_ready(proc, url, log, 120)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from e
+    return proc, url
 
 
 def batch_counts(url: str) -> tuple[float, float]:
