@@ -38,8 +38,8 @@ SERVERS = ("naive_app", "batching_off", "batching_on")
 # Extra variants for choosing defaults (--servers): 2 uvicorn workers with 1 onnxruntime thread each.
 VARIANTS = {"batching_off": {"RESNET_MAX_BATCH_SIZE": "1"},
             "batching_on_w2": {"RESNET_WORKERS": "2", "RESNET_INTRA_OP_THREADS": "1", "RESNET_DECODE_THREADS": "1"},
-            # GPU hosts have the cores: 4 processes decode in parallel and share the one GPU.
             "batching_on_nospin": {"RESNET_ORT_SPINNING": "false"},
+            # GPU hosts have the cores: 4 processes decode in parallel and share the one GPU.
             "batching_on_w4": {"RESNET_WORKERS": "4", "RESNET_DECODE_THREADS": "4"},
             # onnxruntime's CPU pool idle: on CUDA it only runs the few CPU nodes, and spinning threads steal cores.
             "batching_on_t1": {"RESNET_INTRA_OP_THREADS": "1", "RESNET_ORT_SPINNING": "false"},
@@ -179,17 +179,14 @@ def ort_alone(model: Path, seconds: float, device: str = "cpu",
                 run()
                 runs += 1
             per_mode[mode][n] = runs * n / (time.perf_counter() - start)
-    # The figure quoted for the service's ceiling is the way the service feeds the model.
-    per_batch = per_mode["io_binding" if device == "cuda" else "numpy"]
-    best = max(per_batch, key=per_batch.get)
-    return {"device": device, "batch1_img_s": per_batch[1], "best_batch": best, "best_img_s": per_batch[best],
-            "per_batch": per_batch, "modes": per_mode}
+    return {"device": device, "modes": per_mode}
 
 
 def median_alone(runs: list[dict]) -> dict:
     """onnxruntime alone over repeats: the median img/s at each batch size, for each way of feeding it."""
     modes = {mode: {n: statistics.median(r["modes"][mode][n] for r in runs) for n in runs[0]["modes"][mode]}
              for mode in runs[0]["modes"]}
+    # The figure quoted for the service's ceiling is the way the service feeds the model.
     per_batch = modes["io_binding" if runs[0]["device"] == "cuda" else "numpy"]
     best = max(per_batch, key=per_batch.get)
     return {"device": runs[0]["device"], "batch1_img_s": per_batch[1], "best_batch": best,
