@@ -28,7 +28,7 @@ test: $(VENV)/.dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check model service tests
+	$(VENV)/bin/ruff check contract model service bench tests
 
 # Retrain and re-export the committed default model (resnet20 on the embedded digits, ~2 min on 2 cores).
 model: $(VENV)/.dev

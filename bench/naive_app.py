@@ -17,6 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
+from contract import INPUT_NAME, LOGITS
+
 
 def create() -> FastAPI:
     # NAIVE_DEVICE=cuda: the same app as one would write it for a GPU (bench/run.py --device cuda).
@@ -36,7 +38,7 @@ def create() -> FastAPI:
 
     def infer(images: list[bytes]) -> dict:
         x = np.stack([prepare(d) for d in images])
-        logits = session.run(["logits"], {"input": x})[0]
+        logits = session.run([LOGITS], {INPUT_NAME: x})[0]
         e = np.exp(logits - logits.max(1, keepdims=True))
         probs = e / e.sum(1, keepdims=True)
         return {"predictions": [{"probabilities": p.tolist()} for p in probs]}

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from contract import INPUT_NAME, LOGITS
+
 ROOT = Path(__file__).resolve().parents[1]
 LUA = ROOT / "bench" / "post.lua"
 CONCURRENCY = (1, 8, 32, 64)
@@ -147,21 +149,21 @@ def ort_alone(model: Path, seconds: float, device: str = "cpu",
     shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]
 
     def numpy_run(x: np.ndarray):
-        return lambda: session.run(["logits"], {"input": x})
+        return lambda: session.run([LOGITS], {INPUT_NAME: x})
 
     def host_binding(x: np.ndarray):
         def run():
             binding = session.io_binding()
-            binding.bind_cpu_input("input", x)
-            binding.bind_output("logits", "cpu")
+            binding.bind_cpu_input(INPUT_NAME, x)
+            binding.bind_output(LOGITS, "cpu")
             session.run_with_iobinding(binding)
             return binding.copy_outputs_to_cpu()
         return run
 
     def on_device(x: np.ndarray):
         binding = session.io_binding()
-        binding.bind_ortvalue_input("input", ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
-        binding.bind_output("logits", "cuda")
+        binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+        binding.bind_output(LOGITS, "cuda")
         return lambda: session.run_with_iobinding(binding)
 
     modes = {"numpy": numpy_run}

@@ -19,11 +19,9 @@ import onnx
 import torch
 from torch import nn
 
+from contract import CONTRACT_VERSION, INPUT_NAME, OUTPUT_NAMES, PROBABILITIES, encode_metadata
 from model.preprocessing import Preprocessing
 
-INPUT_NAME = "input"
-OUTPUT_NAMES = ("logits", "probabilities")
-CONTRACT_VERSION = 1
 PARITY_TOLERANCE = 1e-5  # max |p_onnx - p_torch| over a batch of real validation images
 FP16_TOLERANCE = 5e-3  # half precision keeps ~3 significant digits
 
@@ -105,9 +103,9 @@ def write_onnx(net: nn.Module, meta: dict, batch: torch.Tensor, out: Path, opset
     )
     proto = program.model_proto
     proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    for key, value in meta.items():
+    for key, value in encode_metadata(meta).items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(value)
+        entry.key, entry.value = key, value
     proto.doc_string = f"ResNet {meta.get('arch')} trained on {meta.get('data')}; see metadata_props"
     onnx.checker.check_model(proto, full_check=True)
     onnx.save_model(proto, out, save_as_external_data=False)
@@ -116,7 +114,7 @@ def write_onnx(net: nn.Module, meta: dict, batch: torch.Tensor, out: Path, opset
     session = ort.InferenceSession(out.as_posix(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         want = wrapper(batch)[1].numpy()
-    got = session.run(["probabilities"], {INPUT_NAME: batch.numpy()})[0]
+    got = session.run([PROBABILITIES], {INPUT_NAME: batch.numpy()})[0]
     diff = float(np.abs(got - want).max())
     if diff > PARITY_TOLERANCE:
         out.unlink()
@@ -164,7 +162,7 @@ def export(checkpoint: Path, out: Path, name: str | None = None, opset: int = 18
     session = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         want = torch.softmax(net(batch), 1).numpy()
-    diff = float(np.abs(session.run(["probabilities"], {INPUT_NAME: batch.numpy()})[0] - want).max())
+    diff = float(np.abs(session.run([PROBABILITIES], {INPUT_NAME: batch.numpy()})[0] - want).max())
     if diff > FP16_TOLERANCE:
         raise ExportError(f"float16 model disagrees with torch by {diff:.2e} > {FP16_TOLERANCE:.0e}")
     onnx.save_model(half, out)

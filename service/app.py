@@ -244,8 +244,7 @@ def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = 
         return ModelCard(
             name=spec.name, version=spec.version, labels=spec.labels, input_name=spec.input_name,
             input_shape=spec.input_shape,
-            preprocessing={"input_size": list(spec.input_size), "colour_mode": spec.colour_mode,
-                           "mean": list(spec.mean), "std": list(spec.std), "resize": spec.resize},
+            preprocessing=spec.preprocessing.to_metadata(),
             provider=serving.model.provider, arch=meta.get("arch"), val_accuracy=meta.get("val_accuracy"),
             created_at=meta.get("created_at"), metadata=meta,
         )

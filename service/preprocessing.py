@@ -9,21 +9,14 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from contract import ModelSpec
 from service.errors import ImageTooLarge, InvalidImage
-from service.runtime import ModelSpec
 
 # Formats a client may send. An allowlist, because Pillow also opens formats that shell out
 # (EPS runs Ghostscript) or that nobody photographs in.
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "ICO", "TGA")  # JPEG covers MPO
-RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
-SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
 ICO_MAGIC = b"\0\0\1\0"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ICON_MAX_PIXELS = 256 * 512  # the format's largest frame, 256x256 (a DIB's height counts its mask too)
@@ -83,9 +76,8 @@ class Preprocessor:
     def __init__(self, spec: ModelSpec, max_pixels: int) -> None:
         self.spec = spec
         self.max_pixels = max_pixels
-        self.mean = np.asarray(spec.mean, np.float32).reshape(-1, 1, 1)
-        self.std = np.asarray(spec.std, np.float32).reshape(-1, 1, 1)
-        self.resample = RESAMPLE[spec.resize]
+        self.mean = np.asarray(spec.preprocessing.mean, np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(spec.preprocessing.std, np.float32).reshape(-1, 1, 1)
         h, w = spec.input_size
         self.small_input = h * w <= INLINE_PIXELS
         Image.init()  # register every format plugin now, not on the first request (tens of ms)
@@ -132,27 +124,9 @@ class Preprocessor:
             raise InvalidImage() from e
         return img
 
-    def to_mode(self, img: Image.Image) -> Image.Image:
-        """EXIF orientation, 16-bit scaled to 8-bit, transparency flattened onto black, colour mode."""
-        img = ImageOps.exif_transpose(img)
-        if img.mode in SIXTEEN_BIT:
-            # Pillow's convert("L") clips 16-bit values at 255 instead of scaling them.
-            arr = np.asarray(img, dtype=np.int64)
-            img = Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8), "L")
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img)
-        return img.convert(self.spec.colour_mode)
-
     def preprocess(self, img: Image.Image) -> np.ndarray:
-        img = self.to_mode(img)
-        h, w = self.spec.input_size
-        if img.size != (w, h):
-            img = img.resize((w, h), self.resample)
-        arr = np.asarray(img, dtype=np.uint8)
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        x = arr.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)  # (C, H, W) in [0, 1]
+        """The contract's steps (colour mode, resize) to uint8 (C, H, W), then normalised float32."""
+        x = self.spec.preprocessing.to_array(img).astype(np.float32) / np.float32(255.0)  # (C, H, W) in [0, 1]
         return (x - self.mean) / self.std
 
     def finish(self, opened: Opened) -> Decoded:

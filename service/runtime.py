@@ -4,14 +4,14 @@ device the settings ask for, and run batches. No torch: the file is the only con
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+import contract
+from contract import ModelSpec
 from service.errors import ModelLoadError
 from service.settings import Settings
 
@@ -19,94 +19,18 @@ log = logging.getLogger("service")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-REQUIRED_METADATA = ("labels", "input_size", "colour_mode", "mean", "std", "resize")
-CHANNELS = {"L": 1, "RGB": 3}
-RESIZE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the service needs to know about a model, all of it read from the ONNX file."""
-
-    name: str
-    version: str  # first 12 hex digits of the file's sha256: changes whenever the weights do
-    labels: list[str]
-    input_name: str
-    output_name: str  # the logits output; probabilities are computed by the service
-    input_size: tuple[int, int]  # (H, W)
-    colour_mode: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    resize: str
-    metadata: dict = field(default_factory=dict)  # everything in metadata_props, decoded
-
-    @property
-    def channels(self) -> int:
-        return CHANNELS[self.colour_mode]
-
-    @property
-    def input_shape(self) -> list[int]:
-        return [-1, self.channels, *self.input_size]
-
-
-def _decode_metadata(raw: dict[str, str]) -> dict:
-    out = {}
-    for key, value in raw.items():
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value  # metadata written by other tools may hold plain strings
-    return out
 
 
 def read_spec(session: ort.InferenceSession, path: Path, digest: str, name: str | None) -> ModelSpec:
-    meta = _decode_metadata(session.get_modelmeta().custom_metadata_map)
-    for key in REQUIRED_METADATA:
-        if key not in meta:
-            raise ModelLoadError(f"model metadata lacks required key {key!r} ({path})")
-    inputs = session.get_inputs()
-    if len(inputs) != 1:
-        raise ModelLoadError(f"model must have exactly one input, has {len(inputs)}")
-    inp = inputs[0]
-    if inp.type != "tensor(float)" or len(inp.shape) != 4:
-        raise ModelLoadError(f"model input must be a float32 N x C x H x W tensor, is {inp.type} {inp.shape}")
-    colour_mode = meta["colour_mode"]
-    if colour_mode not in CHANNELS:
-        raise ModelLoadError(f"metadata colour_mode must be one of {sorted(CHANNELS)}, is {colour_mode!r}")
-    if meta["resize"] not in RESIZE_FILTERS:
-        raise ModelLoadError(f"metadata resize must be one of {RESIZE_FILTERS}, is {meta['resize']!r}")
+    """The file's contract, checked (``contract.read_spec``); a violation keeps the model from loading."""
+    meta = contract.decode_metadata(session.get_modelmeta().custom_metadata_map)
+    inputs = [contract.Tensor(t.name, t.type, t.shape) for t in session.get_inputs()]
+    outputs = [contract.Tensor(t.name, t.type, t.shape) for t in session.get_outputs()]
     try:
-        h, w = (int(v) for v in meta["input_size"])
-        mean = tuple(float(v) for v in meta["mean"])
-        std = tuple(float(v) for v in meta["std"])
-        labels = [str(v) for v in meta["labels"]]
-    except (TypeError, ValueError) as e:
-        raise ModelLoadError(f"malformed preprocessing metadata: {e}") from e
-    channels = CHANNELS[colour_mode]
-    if len(mean) != channels or len(std) != channels or any(s <= 0 for s in std):
-        raise ModelLoadError(f"metadata mean/std need {channels} values (std > 0) for colour_mode {colour_mode}")
-    for axis, want in ((1, channels), (2, h), (3, w)):
-        have = inp.shape[axis]
-        if isinstance(have, int) and have != want:
-            raise ModelLoadError(f"model input axis {axis} is {have}, metadata says {want}")
-    outputs = {o.name: o for o in session.get_outputs()}
-    output = outputs.get("logits") or session.get_outputs()[0]
-    classes = output.shape[-1] if output.shape else None
-    if len(output.shape) != 2 or (isinstance(classes, int) and classes != len(labels)):
-        raise ModelLoadError(f"output {output.name!r} has shape {output.shape}, expected [N, {len(labels)}]")
-    return ModelSpec(
-        name=name or str(meta.get("name") or path.stem),
-        version=digest[:12],
-        labels=labels,
-        input_name=inp.name,
-        output_name=output.name,
-        input_size=(h, w),
-        colour_mode=colour_mode,
-        mean=mean,
-        std=std,
-        resize=meta["resize"],
-        metadata=meta,
-    )
+        return contract.read_spec(meta, inputs, outputs, name=name or str(meta.get("name") or path.stem),
+                                  version=digest[:12])
+    except contract.ContractError as e:
+        raise ModelLoadError(f"{e} ({path})") from e
 
 
 def providers(settings: Settings) -> list:

@@ -26,16 +26,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from contract import LOGITS, OUTPUT_NAMES, PROBABILITIES, ModelSpec
 from service.auth import Authorized
 from service.body import read_body
 from service.core import Classified, Serving, State, classify_images, classify_tensors
 from service.errors import InvalidInferenceRequest, TooManyImages, UnknownModel, UnsupportedContentEncoding
-from service.runtime import ModelSpec, softmax
+from service.runtime import softmax
 
 SERVER_NAME = "resnet-serve"
 PLATFORM = "onnxruntime_onnx"  # the platform string Triton gives an ONNX model run by onnxruntime
 EXTENSIONS = ["binary_tensor_data"]
-OUTPUTS = ("logits", "probabilities")  # probabilities: runtime.softmax of the logits, as /predict computes them
+OUTPUTS = OUTPUT_NAMES  # probabilities: runtime.softmax of the logits, as /predict computes them
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Parameters that ask for a feature this server lacks. Ignoring them would answer a different question
 # (raw tensors where top-k classes were asked for, or data in the body where shared memory was named).
@@ -281,7 +282,7 @@ def inference_response(req: InferenceRequest, classified: Classified, wanted: li
     logits = classified.logits  # (N, classes) float32
     if not np.isfinite(logits).all():  # e.g. finite inputs near float32's limit; JSON could not carry the answer
         raise InvalidInferenceRequest("the model's output for this input is not finite")
-    tensors = {"logits": logits, "probabilities": softmax(logits).astype(np.float32)}
+    tensors = {LOGITS: logits, PROBABILITIES: softmax(logits).astype(np.float32)}
     outputs, blobs = [], []
     for name, binary in wanted:
         tensor = tensors[name]

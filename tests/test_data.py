@@ -17,8 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
+from contract import to_colour_mode
 from model import data
-from model.preprocessing import Preprocessing, to_colour_mode
+from model.preprocessing import Preprocessing
 from tests.conftest import make_class_folder
 
 

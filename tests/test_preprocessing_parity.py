@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from contract import INPUT_NAME, LOGITS, ModelSpec
 from model.preprocessing import Preprocessing
 from service.preprocessing import Preprocessor
-from service.runtime import ModelSpec
 from tests.images import FORMATS, encode, one_per_class
 
 
 def spec_for(pre: Preprocessing) -> ModelSpec:
-    return ModelSpec(name="t", version="0" * 12, labels=[str(i) for i in range(10)], input_name="input",
-                     output_name="logits", input_size=pre.input_size, colour_mode=pre.colour_mode, mean=pre.mean,
-                     std=pre.std, resize=pre.resize)
+    return ModelSpec(name="t", version="0" * 12, labels=[str(i) for i in range(10)], input_name=INPUT_NAME,
+                     output_name=LOGITS, preprocessing=pre)
 
 
 def photo(w: int, h: int, mode: str = "RGB") -> Image.Image:

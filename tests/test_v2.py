@@ -18,9 +18,10 @@ import pytest
 import tritonclient.http as triton
 from fastapi.testclient import TestClient
 
+from contract import ModelSpec
 from service.app import create_app
 from service.preprocessing import Preprocessor
-from service.runtime import Model, ModelSpec, softmax
+from service.runtime import Model, softmax
 from service.settings import Settings
 from tests.conftest import LiveServer, loading_after, loading_as, running_server
 from tests.images import bomb_png, encode, one_per_class
