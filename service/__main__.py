@@ -5,11 +5,11 @@ then the process exits 0."""
 from __future__ import annotations
 
 import logging
-import signal
 
 import uvicorn
 
 from service.app import create_app
+from service.lifecycle import keep_clean_exit_after_drain
 from service.settings import Settings
 
 
@@ -21,9 +21,7 @@ def app_factory():
 def main() -> None:
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; with SIGTERM's
-    # default action that would turn a clean drain into exit status 143. The drain is the handling.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    keep_clean_exit_after_drain()
     app = "service.__main__:app_factory" if settings.workers > 1 else create_app(settings)
     uvicorn.run(
         app,

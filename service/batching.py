@@ -29,7 +29,6 @@ class Result(Generic[M]):
     model: M
     queue_s: float
     infer_s: float
-    batch_size: int
 
 
 @dataclass
@@ -102,7 +101,7 @@ class MicroBatcher(Generic[M]):
         if self._task is None:
             raise ModelNotReady()
         if self.depth + n > self.max_queue:
-            raise QueueFull(headers={"Retry-After": "1"})
+            raise QueueFull(retry_after_s=1.0)
         self._incoming += n
         return Reservation(self, n)
 
@@ -192,4 +191,4 @@ class MicroBatcher(Generic[M]):
                 self.on_batch(len(batch), infer_s)
             for i, it in enumerate(batch):
                 if not it.future.done():
-                    it.future.set_result(Result(logits[i], model, start - it.enqueued, infer_s, len(batch)))
+                    it.future.set_result(Result(logits[i], model, start - it.enqueued, infer_s))

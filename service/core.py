@@ -1,24 +1,31 @@
-"""The protocol-neutral core: model state and its lifecycle, and classification (decode ->
-preprocess -> micro-batched inference) with deadlines and disconnect handling. HTTP routes, of
-any protocol, are thin doors into this."""
+"""The protocol-neutral core: model state and its lifecycle, and classification (decode -> preprocess ->
+micro-batched inference) with the limits every door shares, the deadline, and cancellation when the client
+goes away. Doors (REST, the Open Inference Protocol) are thin: they read a request into plain values, call
+this, and shape the answer. Nothing here knows a web framework."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-from fastapi import Depends, Request
 
 from service import metrics
 from service.batching import MicroBatcher, Result
-from service.errors import ClientGone, DeadlineExceeded, ModelLoadError, ModelNotReady, ReloadFailed
-from service.preprocessing import INLINE_BYTES, Decoded, Preprocessor
+from service.errors import (
+    ClientGone,
+    DeadlineExceeded,
+    ModelLoadError,
+    ModelNotReady,
+    ReloadFailed,
+    TooManyImages,
+)
+from service.preprocessing import INLINE_BYTES, ImageInput, Preprocessor
 from service.runtime import Model
 from service.settings import Settings
 
@@ -26,7 +33,7 @@ log = logging.getLogger("service")
 
 
 @dataclass(frozen=True)
-class Serving:
+class Pipeline:
     """A model and the preprocessing its file describes: swapped together, atomically."""
 
     model: Model
@@ -34,12 +41,12 @@ class Serving:
 
 
 class ServiceState:
-    """Everything the lifespan builds; routes reach it through ``get_state``."""
+    """Everything the lifespan builds; each door reaches it its own way."""
 
     def __init__(self, settings: Settings, load_model: Callable[[Settings], Model]) -> None:
         self.settings = settings
         self.load_model = load_model
-        self.serving: Serving | None = None
+        self.serving: Pipeline | None = None
         self.status = "loading"
         self.reason: str | None = "model is loading"
         self.batcher: MicroBatcher | None = None
@@ -51,7 +58,7 @@ class ServiceState:
     def ready(self) -> bool:
         return self.status == "ready"
 
-    def require_ready(self) -> Serving:
+    def require_ready(self) -> Pipeline:
         if not self.ready or self.serving is None:
             raise ModelNotReady()
         return self.serving
@@ -66,10 +73,10 @@ class ServiceState:
             log.info("draining: readiness now 503, finishing accepted requests")
         self.status, self.reason = "draining", "shutting down"
 
-    def _load_and_warm(self) -> Serving:
+    def _load_and_warm(self) -> Pipeline:
         model = self.load_model(self.settings)
         model.warm_up(self.settings.max_batch_size)
-        return Serving(model, Preprocessor(model.spec, self.settings.max_image_pixels))
+        return Pipeline(model, Preprocessor(model.spec, self.settings.max_image_pixels))
 
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
@@ -90,7 +97,7 @@ class ServiceState:
             self.status, self.reason = "ready", None
             log.info("ready: %s %s on %s", spec.name, spec.version, serving.model.provider)
 
-    async def reload(self) -> Serving:
+    async def reload(self) -> Pipeline:
         """Load and warm the file at ``model_path`` beside the serving model, then swap atomically.
         Requests already queued finish on the model they were preprocessed for. A bad file leaves the
         old model serving."""
@@ -122,16 +129,9 @@ class ServiceState:
             self.status, self.reason = "failed", reason
 
 
-async def get_state(request: Request) -> ServiceState:
-    return request.app.state.service
-
-
-State = Annotated[ServiceState, Depends(get_state)]
-
-
 @dataclass
-class Classified:
-    decoded: list[Decoded]  # empty when the client sent tensors
+class Classification:
+    images: list[ImageInput]  # empty when the client sent tensors
     results: list[Result]  # one per image, in request order
 
     @property
@@ -144,7 +144,7 @@ class Classified:
         return np.stack([r.logits for r in self.results])  # (N, classes) float32
 
     def observe(self) -> None:
-        for d in self.decoded:
+        for d in self.images:
             metrics.DECODE.observe(d.decode_s)
             metrics.PREPROCESS.observe(d.preprocess_s)
         for r in self.results:
@@ -152,8 +152,8 @@ class Classified:
 
     def server_timing(self, started: float) -> str:
         """The stages as a Server-Timing header (ms): decode and preprocess summed over images."""
-        decode = sum(d.decode_s for d in self.decoded) * 1000
-        pre = sum(d.preprocess_s for d in self.decoded) * 1000
+        decode = sum(d.decode_s for d in self.images) * 1000
+        pre = sum(d.preprocess_s for d in self.images) * 1000
         queue = max(r.queue_s for r in self.results) * 1000
         infer = max(r.infer_s for r in self.results) * 1000
         total = (time.perf_counter() - started) * 1000
@@ -161,25 +161,34 @@ class Classified:
                 f"infer;dur={infer:.3f}, total;dur={total:.3f}")
 
 
-async def classify_images(state: ServiceState, request: Request, images: list[bytes]) -> Classified:
-    """Encoded images -> logits: decode and preprocess off the event loop, then micro-batched inference."""
-    serving, batcher = state.require_ready(), state.require_batcher()
+def _admit(state: ServiceState, n: int) -> tuple[Pipeline, MicroBatcher]:
+    """The checks every door shares before any work: ready, and within the per-request image limit."""
+    pipeline, batcher = state.require_ready(), state.require_batcher()
+    if n > state.settings.max_batch_images:
+        raise TooManyImages()
+    return pipeline, batcher
+
+
+async def classify_images(state: ServiceState, images: list[bytes], gone: Awaitable[None] | None = None
+                          ) -> Classification:
+    """Encoded images -> logits: decode and preprocess off the event loop, then micro-batched inference.
+    ``gone`` resolves if the client goes away: the request is then abandoned and its queued images dropped."""
+    pipeline, batcher = _admit(state, len(images))
     loop = asyncio.get_running_loop()
+    pre = pipeline.preprocessor
 
-    pre = serving.preprocessor
-
-    async def decode_all() -> list[Decoded]:
+    async def decode_all() -> list[ImageInput]:
         # Small images are finished right here, in order; only the rest become futures on the decode pool
         # (no task per image: for a multipart request of 32 digits the tasks cost more than the decoding).
-        decoded: list[Decoded | asyncio.Future] = []
+        decoded: list[ImageInput | asyncio.Future] = []
         try:
             for data in images:
                 if len(data) > INLINE_BYTES:
                     decoded.append(loop.run_in_executor(state.decode_pool, pre, data))
                     continue
-                opened = pre.open(data)  # header only: bad and oversized images are refused before decoding
-                decoded.append(pre.finish(opened) if pre.inline(opened)
-                               else loop.run_in_executor(state.decode_pool, pre.finish, opened))
+                header = pre.open(data)  # header only: bad and oversized images are refused before decoding
+                decoded.append(pre.finish(header) if pre.inline(header)
+                               else loop.run_in_executor(state.decode_pool, pre.finish, header))
         except BaseException:
             for d in decoded:  # a bad image fails the request: its siblings' results are not wanted
                 if isinstance(d, asyncio.Future):
@@ -191,57 +200,51 @@ async def classify_images(state: ServiceState, request: Request, images: list[by
         done = iter(await asyncio.gather(*pending))
         return [next(done) if isinstance(d, asyncio.Future) else d for d in decoded]
 
-    async def work() -> Classified:
+    async def decode_and_infer() -> Classification:
         with batcher.reserve(len(images)) as reservation:
-            decoded = await decode_all()
-            results = await reservation.submit([d.x for d in decoded], serving.model)
-        return Classified(decoded, results)
+            inputs = await decode_all()
+            results = await reservation.submit([d.x for d in inputs], pipeline.model)
+        return Classification(inputs, results)
 
-    return await guarded(state, request, work())
+    return await guarded(state, gone, decode_and_infer())
 
 
-async def classify_tensors(state: ServiceState, request: Request, x: np.ndarray) -> Classified:
+async def classify_tensors(state: ServiceState, x: np.ndarray, gone: Awaitable[None] | None = None
+                           ) -> Classification:
     """Preprocessed input (N, C, H, W) float32 -> logits, through the same micro-batcher."""
-    serving, batcher = state.require_ready(), state.require_batcher()
+    pipeline, batcher = _admit(state, len(x))
 
-    async def work() -> Classified:
+    async def infer() -> Classification:
         with batcher.reserve(len(x)) as reservation:
-            results = await reservation.submit(list(x), serving.model)
-        return Classified([], results)
+            results = await reservation.submit(list(x), pipeline.model)
+        return Classification([], results)
 
-    return await guarded(state, request, work())
+    return await guarded(state, gone, infer())
 
 
-async def guarded(state: ServiceState, request: Request, work: Coroutine[Any, Any, Classified]) -> Classified:
-    """Run ``work`` within the request deadline (504), and abandon it, dropping its queued images,
-    if the client goes away."""
+async def guarded(state: ServiceState, gone: Awaitable[None] | None,
+                  work: Coroutine[Any, Any, Classification]) -> Classification:
+    """Run ``work`` within the request deadline (``DeadlineExceeded``), and abandon it, dropping its queued
+    images, if ``gone`` resolves first (``ClientGone``)."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    watcher = asyncio.ensure_future(gone) if gone is not None else None
     try:
         done, _ = await asyncio.wait(
-            {task, watcher}, timeout=state.settings.request_timeout_ms / 1000, return_when=asyncio.FIRST_COMPLETED
+            {task} if watcher is None else {task, watcher}, timeout=state.settings.request_timeout_ms / 1000,
+            return_when=asyncio.FIRST_COMPLETED,
         )
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
     if task in done:
-        classified = task.result()
-        classified.observe()
-        return classified
+        classification = task.result()
+        classification.observe()
+        return classification
     task.cancel()
     try:
         await task  # let a queue reservation release and surface errors raised before the cut-off
     except asyncio.CancelledError:
         pass
-    if watcher in done:
+    if watcher is not None and watcher in done:
         raise ClientGone()
     raise DeadlineExceeded()
-
-
-async def _disconnected(request: Request) -> None:
-    """Resolves when the client disconnects (the body has been read, so the next message is that)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-

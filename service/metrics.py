@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client import Counter, Gauge, Histogram, Info
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Sub-millisecond to seconds: a 32x32 PNG decodes in 50 us, a 12 MP JPEG in tens of ms, a batch of
 # resnet50 on the CPU in seconds.
@@ -28,31 +25,3 @@ def observe_batch(size: int, seconds: float) -> None:
     BATCH_SIZE.observe(size)
     INFERENCE.observe(seconds)
     IMAGES.inc(size)
-
-
-class RequestMetrics:
-    """Pure ASGI middleware (no BaseHTTPMiddleware: it would copy every body through a queue)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            REQUESTS.labels(template, scope["method"], str(status)).inc()
-            REQUEST_LATENCY.labels(template).observe(time.perf_counter() - start)

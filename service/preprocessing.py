@@ -25,9 +25,8 @@ ICON_MAX_PIXELS = 256 * 512  # the format's largest frame, 256x256 (a DIB's heig
 def icon_pixels(data: bytes) -> int:
     """The most pixels any frame of an icon declares in the frame's own header (PNG IHDR or DIB
     header). Pillow decodes an icon's frame while *opening* it, and the frame need not match the
-    icon's directory (at most 256x256), so for icons the size check after ``Image.open`` is too late:
-    a 79 kB icon holding a 9000x9000 PNG cost 1 s and 140 MB per request (tests/test_bombs.py), and one
-    holding a 4000x4000 PNG, within the pixel limit, held the event loop ~100 ms per request."""
+    icon's directory (at most 256x256), so for icons the size check after ``Image.open`` is too late
+    (docs/reliability.md#bugs-these-found)."""
     count = struct.unpack_from("<H", data, 4)[0] if len(data) >= 6 else 0
     most = 0
     for k in range(count):
@@ -48,25 +47,22 @@ def icon_pixels(data: bytes) -> int:
     return most
 
 
-# Images up to this many pixels, for models whose input is no larger, are decoded on the event loop:
-# for a 32x32 PNG (50 us) a hop to a thread and back costs more than the work. Anything else goes to the
-# decode pool: resizing even a 32x32 PNG to a 224x224 input and normalising it costs 1.3-2 ms, and 32 of
-# them in one multipart request held the loop ~40 ms (measured on an H200 host, Server-Timing).
+# Small images for small model inputs are decoded on the event loop, where a hop to a thread costs more than
+# the work; the rest go to the decode pool (docs/throughput.md#where-an-image-is-decoded).
 INLINE_PIXELS = 128 * 128
-# ...and only from bodies this small: opening parses metadata too, and Pillow inflates a PNG's zTXt and
-# iCCP chunks up to 64 MB (a 68 kB PNG held the loop ~0.4 s, tests/test_bombs.py). Deflate expands at
-# most ~1000:1, so the loop inflates 4 MB (~25 ms) at worst; a 32x32 digit PNG is under 1 kB.
+# ...and only from bodies this small: opening inflates PNG metadata chunks, up to ~1000:1
+# (docs/reliability.md#bugs-these-found).
 INLINE_BYTES = 4096
 
 
 @dataclass
-class Opened:
+class ImageHeader:
     image: Image.Image  # header read, pixels not yet decoded
     seconds: float
 
 
 @dataclass
-class Decoded:
+class ImageInput:
     x: np.ndarray  # (C, H, W) float32, normalised
     decode_s: float
     preprocess_s: float
@@ -82,11 +78,11 @@ class Preprocessor:
         self.small_input = h * w <= INLINE_PIXELS
         Image.init()  # register every format plugin now, not on the first request (tens of ms)
 
-    def inline(self, opened: Opened) -> bool:
+    def inline(self, header: ImageHeader) -> bool:
         """Cheap enough to finish on the event loop: a small image for a model with a small input."""
-        return self.small_input and opened.image.width * opened.image.height <= INLINE_PIXELS
+        return self.small_input and header.image.width * header.image.height <= INLINE_PIXELS
 
-    def open(self, data: bytes) -> Opened:
+    def open(self, data: bytes) -> ImageHeader:
         """Read the header only and check the declared size against the pixel limit: cheap, nothing
         is allocated for the pixels yet."""
         start = time.perf_counter()
@@ -107,7 +103,7 @@ class Preprocessor:
             raise ImageTooLarge()
         if w < 1 or h < 1:
             raise InvalidImage()
-        return Opened(img, time.perf_counter() - start)
+        return ImageHeader(img, time.perf_counter() - start)
 
     def decode(self, img: Image.Image) -> Image.Image:
         """Decode the pixels (JPEGs at reduced scale)."""
@@ -129,16 +125,16 @@ class Preprocessor:
         x = self.spec.preprocessing.to_array(img).astype(np.float32) / np.float32(255.0)  # (C, H, W) in [0, 1]
         return (x - self.mean) / self.std
 
-    def finish(self, opened: Opened) -> Decoded:
-        """Decode and preprocess an opened image."""
+    def finish(self, header: ImageHeader) -> ImageInput:
+        """Decode and preprocess an image whose header was read."""
         t0 = time.perf_counter()
-        img = self.decode(opened.image)
+        img = self.decode(header.image)
         t1 = time.perf_counter()
         try:
             x = self.preprocess(img)
         except (OSError, ValueError) as e:  # e.g. an exotic mode Pillow cannot convert
             raise InvalidImage() from e
-        return Decoded(x, opened.seconds + t1 - t0, time.perf_counter() - t1)
+        return ImageInput(x, header.seconds + t1 - t0, time.perf_counter() - t1)
 
-    def __call__(self, data: bytes) -> Decoded:
+    def __call__(self, data: bytes) -> ImageInput:
         return self.finish(self.open(data))

@@ -55,8 +55,8 @@ def providers(settings: Settings) -> list:
 class Model:
     """One loaded model: its spec and its session. ``run`` is thread-safe (onnxruntime sessions are)."""
 
-    def __init__(self, spec: ModelSpec, session: ort.InferenceSession, path: Path, io_binding: bool = False) -> None:
-        self.spec, self.session, self.path = spec, session, path
+    def __init__(self, spec: ModelSpec, session: ort.InferenceSession, io_binding: bool = False) -> None:
+        self.spec, self.session = spec, session
         self.provider = session.get_providers()[0]
         self.io_binding = io_binding
 
@@ -73,8 +73,8 @@ class Model:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = settings.effective_intra_op_threads
         options.inter_op_num_threads = 1
-        # Spinning is onnxruntime's default; turning it off measured no gain at c=32 and a slower c=1
-        # here (bench/run.py), so it is a setting for hosts where idle cores matter more.
+        # Spinning is onnxruntime's default; off trades a lone client's latency for throughput under load
+        # (docs/throughput.md#onnxruntime-settings).
         if not settings.ort_spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
@@ -92,7 +92,7 @@ class Model:
             )
         spec = read_spec(session, path, hashlib.sha256(blob).hexdigest(), settings.model_name)
         io_binding = settings.io_binding == "on" or (settings.io_binding == "auto" and effective == CUDA)
-        model = cls(spec, session, path, io_binding)
+        model = cls(spec, session, io_binding)
         log.info("loaded %s version %s from %s on %s", spec.name, spec.version, path, effective)
         return model
 

@@ -33,9 +33,7 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads per inference (0 = usable cores)")
     ort_spinning: bool = Field(True, description="onnxruntime worker threads spin between parallel sections")
     cuda_device_id: int = Field(0, ge=0)
-    # Off: on an H200, TF32 convolutions moved the default model's probabilities by up to 1.1e-3 from the CPU's,
-    # full float32 by 5.5e-7 (docs/bench/gpu-h200.md). TF32's speed-up was not measured; the --fp16 export
-    # measured 1.2-1.5x over float32 there.
+    # Off: TF32 moves float32 answers away from the CPU's (docs/throughput.md#on-a-gpu).
     cuda_tf32: bool = Field(False, description="let cuDNN use TF32 tensor cores for float32 convolutions")
     io_binding: Literal["auto", "on", "off"] = Field(
         "auto", description="onnxruntime IO binding (auto: on with CUDA, where it saves a copy per batch)"

@@ -1,322 +1,48 @@
 """The Open Inference Protocol (KServe V2) over HTTP/REST, with Triton's binary tensor data extension, so
 Triton's and KServe's clients and tools work against this service.
 
-Another door into ``service.core``, not a second implementation: FP32 tensors go through
-``classify_tensors``, BYTES tensors of encoded images through ``classify_images`` (decoded and
-preprocessed exactly as for ``/predict``), under the same limits, micro-batcher, deadlines and API keys
-(with keys set, everything but health needs one).
-
-Specs: kserve/open-inference-protocol ``specification/protocol/inference_rest.md``;
-triton-inference-server/server ``docs/protocol/extension_binary_data.md``.
+Another door into ``service.core``, not a second implementation: FP32 tensors go through ``classify_tensors``,
+BYTES tensors of encoded images through ``classify_images`` (decoded and preprocessed exactly as for
+``/predict``), under the same limits, micro-batcher, deadlines and API keys (with keys set, everything but health
+needs one). The tensors and schemas are ``service.protocol``'s; failures are ``{"error": ...}``, 400 where FastAPI
+would say 422, as the protocol asks.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import math
-import struct
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from contract import LOGITS, OUTPUT_NAMES, PROBABILITIES, ModelSpec
-from service.auth import Authorized
-from service.body import read_body
-from service.core import Classified, Serving, State, classify_images, classify_tensors
-from service.errors import InvalidInferenceRequest, TooManyImages, UnknownModel, UnsupportedContentEncoding
-from service.runtime import softmax
-
-SERVER_NAME = "resnet-serve"
-PLATFORM = "onnxruntime_onnx"  # the platform string Triton gives an ONNX model run by onnxruntime
-EXTENSIONS = ["binary_tensor_data"]
-OUTPUTS = OUTPUT_NAMES  # probabilities: runtime.softmax of the logits, as /predict computes them
-HEADER_LENGTH = "Inference-Header-Content-Length"
-# Parameters that ask for a feature this server lacks. Ignoring them would answer a different question
-# (raw tensors where top-k classes were asked for, or data in the body where shared memory was named).
-UNSUPPORTED = {"classification": "the classification extension", "shared_memory_region": "shared memory"}
-
-
-# --- request and response bodies ------------------------------------------------------------------------------------
-
-
-class Parameters(BaseModel):
-    """Parameters this server does not know are accepted and ignored, as the protocol allows."""
-
-    model_config = ConfigDict(extra="allow")
-
-
-class InputParameters(Parameters):
-    binary_data_size: int | None = Field(None, ge=0, description="bytes of this tensor after the JSON header")
-
-
-class OutputParameters(Parameters):
-    binary_data: bool | None = Field(None, description="return this output as binary data")
-
-
-class RequestParameters(Parameters):
-    binary_data_output: bool = Field(False, description="return every output as binary data unless it says otherwise")
-
-
-class RequestInput(BaseModel):
-    name: str = Field(examples=["input"])
-    shape: list[Annotated[int, Field(ge=0)]] = Field(examples=[[1, 1, 32, 32]])
-    datatype: str = Field(examples=["FP32"])
-    parameters: InputParameters = Field(default_factory=InputParameters)
-    data: list[Any] | None = Field(None, description="row-major, flat or nested; BYTES elements as base64 strings")
-
-
-class RequestOutput(BaseModel):
-    name: str = Field(examples=["probabilities"])
-    parameters: OutputParameters = Field(default_factory=OutputParameters)
-
-
-class InferenceRequest(BaseModel):
-    id: str | None = None
-    parameters: RequestParameters = Field(default_factory=RequestParameters)
-    inputs: list[RequestInput] = Field(min_length=1)
-    outputs: list[RequestOutput] | None = Field(None, description="the outputs to return; default: all")
-
-
-class TensorMetadata(BaseModel):
-    name: str
-    datatype: str
-    shape: list[int] = Field(description="-1 is the dynamic batch axis")
-
-
-class ServerMetadata(BaseModel):
-    name: str
-    version: str
-    extensions: list[str]
-
-
-class ModelMetadata(BaseModel):
-    name: str
-    versions: list[str] = Field(description="first 12 hex digits of the ONNX file's sha256")
-    platform: str
-    inputs: list[TensorMetadata]
-    outputs: list[TensorMetadata]
-
-
-class ResponseOutput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, int] | None = Field(None, description="binary_data_size when sent as binary data")
-    data: list[float] | None = Field(None, description="row-major, flat")
-
-
-class InferenceResponse(BaseModel):
-    model_name: str
-    model_version: str
-    id: str | None = Field(None, description="the request's id, when it had one")
-    outputs: list[ResponseOutput]
-
-
-class ServerLive(BaseModel):
-    live: bool
-
-
-class ServerReady(BaseModel):
-    ready: bool
-
-
-class ModelReady(BaseModel):
-    name: str
-    ready: bool
-
-
-class V2Error(BaseModel):
-    error: str = Field(examples=["unknown model 'resnet'"])
-
-
-# --- reading a request ----------------------------------------------------------------------------------------------
-
-
-def split_body(body: bytes, header_length: int | None) -> tuple[bytes, memoryview]:
-    """The JSON header and the binary tensor data that follows it."""
-    if header_length is None:
-        return body, memoryview(b"")
-    if header_length == 0:
-        raise InvalidInferenceRequest(f"{HEADER_LENGTH}: 0 (a raw binary request) is not supported: send a JSON header")
-    if header_length > len(body):
-        raise InvalidInferenceRequest(f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes")
-    return body[:header_length], memoryview(body)[header_length:]
-
-
-def parse_header(header: bytes) -> InferenceRequest:
-    try:
-        return InferenceRequest.model_validate_json(header)
-    except ValidationError as e:  # the one error table turns this into 400 {"error"} on /v2
-        raise RequestValidationError(e.errors(include_url=False, include_input=False)) from e
-
-
-def refuse_unsupported(parameters: Parameters, where: str) -> None:
-    for key in parameters.model_extra or {}:
-        if key in UNSUPPORTED:
-            raise InvalidInferenceRequest(f"{where}: {UNSUPPORTED[key]} ({key!r}) is not supported")
-
-
-def read_input(req: InferenceRequest, binary: memoryview, spec: ModelSpec, max_images: int) -> np.ndarray | list[bytes]:
-    """The request's one input: an (N, C, H, W) float32 batch (FP32) or N encoded images (BYTES)."""
-    if len(req.inputs) != 1:
-        raise InvalidInferenceRequest(f"model {spec.name!r} takes one input, got {len(req.inputs)}")
-    inp = req.inputs[0]
-    where = f"input {inp.name!r}"
-    if inp.name != spec.input_name:
-        raise InvalidInferenceRequest(f"unknown input {inp.name!r}: model {spec.name!r} takes {spec.input_name!r}")
-    refuse_unsupported(inp.parameters, where)
-    if inp.datatype == "FP32":
-        if len(inp.shape) != 4 or inp.shape[1:] != [spec.channels, *spec.input_size]:
-            c, (h, w) = spec.channels, spec.input_size
-            raise InvalidInferenceRequest(f"{where}: FP32 shape must be [N, {c}, {h}, {w}], got {inp.shape}")
-    elif inp.datatype == "BYTES":
-        if len(inp.shape) != 1:
-            raise InvalidInferenceRequest(f"{where}: BYTES holds one encoded image per element, shape [N]; "
-                                          f"got {inp.shape}")
-    else:
-        raise InvalidInferenceRequest(f"{where}: datatype {inp.datatype!r} is not accepted: send FP32 "
-                                      "(preprocessed, [N, C, H, W]) or BYTES (encoded images, [N])")
-    n = inp.shape[0]
-    if n < 1:
-        raise InvalidInferenceRequest(f"{where}: the batch is empty")
-    if n > max_images:
-        raise TooManyImages()
-    raw = tensor_bytes(inp, binary, where)
-    return fp32_tensor(inp, raw, where) if inp.datatype == "FP32" else encoded_images(inp, raw, where)
-
-
-def tensor_bytes(inp: RequestInput, binary: memoryview, where: str) -> memoryview | None:
-    """The input's binary data, or None when its data is in the JSON."""
-    size = inp.parameters.binary_data_size
-    if size is None:
-        if len(binary):
-            raise InvalidInferenceRequest(f"{len(binary)} bytes follow the JSON header, but no input has "
-                                          "binary_data_size")
-        if inp.data is None:
-            raise InvalidInferenceRequest(f"{where} has neither data nor binary_data_size")
-        return None
-    if inp.data is not None:
-        raise InvalidInferenceRequest(f"{where} has both data and binary_data_size")
-    if size != len(binary):
-        raise InvalidInferenceRequest(f"{where} has binary_data_size {size}, but {len(binary)} bytes follow the "
-                                      "JSON header")
-    return binary
-
-
-def fp32_tensor(inp: RequestInput, raw: memoryview | None, where: str) -> np.ndarray:
-    count = math.prod(inp.shape)
-    if raw is not None:
-        if len(raw) != count * 4:
-            raise InvalidInferenceRequest(f"{where}: FP32 {inp.shape} is {count * 4} bytes, got {len(raw)}")
-        x = np.frombuffer(raw, "<f4").reshape(inp.shape)
-    else:
-        try:
-            values = np.asarray(inp.data)
-        except ValueError as e:  # ragged nesting
-            raise InvalidInferenceRequest(f"{where}: data is not a regular array") from e
-        if values.dtype.kind not in "iuf":
-            raise InvalidInferenceRequest(f"{where}: FP32 data must be numbers")
-        if values.size != count:
-            raise InvalidInferenceRequest(f"{where}: shape {inp.shape} holds {count} values, data has {values.size}")
-        x = values.reshape(inp.shape).astype(np.float32)
-    if not np.isfinite(x).all():
-        raise InvalidInferenceRequest(f"{where}: data holds NaN or infinity")
-    return x
-
-
-def encoded_images(inp: RequestInput, raw: memoryview | None, where: str) -> list[bytes]:
-    """BYTES elements. In binary data each is a 4-byte little-endian length and that many bytes; in JSON,
-    where the protocol wants UTF-8 strings and an image is not one, each is a base64 string."""
-    if raw is not None:
-        images, at = [], 0
-        while at < len(raw):
-            size = struct.unpack_from("<I", raw, at)[0] if len(raw) - at >= 4 else None
-            if size is None or at + 4 + size > len(raw):
-                raise InvalidInferenceRequest(f"{where}: malformed BYTES data: element {len(images)} runs past "
-                                              "the end of the tensor")
-            images.append(bytes(raw[at + 4:at + 4 + size]))
-            at += 4 + size
-    else:
-        images = [base64_element(v, where) for v in inp.data or []]
-    if len(images) != inp.shape[0]:
-        raise InvalidInferenceRequest(f"{where}: shape {inp.shape} but {len(images)} BYTES elements")
-    return images
-
-
-def base64_element(value: object, where: str) -> bytes:
-    if isinstance(value, str):
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):  # ValueError: a non-ASCII string
-            pass
-    raise InvalidInferenceRequest(f"{where}: BYTES data in JSON must be base64 strings of encoded images")
-
-
-def requested_outputs(req: InferenceRequest) -> list[tuple[str, bool]]:
-    """(name, as binary data) per output to return, in the order asked."""
-    default = req.parameters.binary_data_output
-    if not req.outputs:
-        return [(name, default) for name in OUTPUTS]
-    wanted = []
-    for out in req.outputs:
-        if out.name not in OUTPUTS:
-            raise InvalidInferenceRequest(f"unknown output {out.name!r}: the model gives {', '.join(OUTPUTS)}")
-        refuse_unsupported(out.parameters, f"output {out.name!r}")
-        wanted.append((out.name, default if out.parameters.binary_data is None else out.parameters.binary_data))
-    return wanted
-
-
-# --- shaping the answer ---------------------------------------------------------------------------------------------
-
-
-def inference_response(req: InferenceRequest, classified: Classified, wanted: list[tuple[str, bool]],
-                       started: float) -> Response:
-    spec = classified.model.spec
-    logits = classified.logits  # (N, classes) float32
-    if not np.isfinite(logits).all():  # e.g. finite inputs near float32's limit; JSON could not carry the answer
-        raise InvalidInferenceRequest("the model's output for this input is not finite")
-    tensors = {LOGITS: logits, PROBABILITIES: softmax(logits).astype(np.float32)}
-    outputs, blobs = [], []
-    for name, binary in wanted:
-        tensor = tensors[name]
-        out: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(tensor.shape)}
-        if binary:
-            blob = tensor.astype("<f4").tobytes()
-            out["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            out["data"] = tensor.ravel().tolist()
-        outputs.append(out)
-    body = {"model_name": spec.name, "model_version": spec.version, **({} if req.id is None else {"id": req.id}),
-            "outputs": outputs}
-    header = json.dumps(body, separators=(",", ":")).encode()
-    headers = {"Server-Timing": classified.server_timing(started)}
-    if not blobs:
-        return Response(header, media_type="application/json", headers=headers)
-    headers[HEADER_LENGTH] = str(len(header))
-    return Response(header + b"".join(blobs), media_type="application/octet-stream", headers=headers)
-
-
-def model_metadata_of(spec: ModelSpec) -> ModelMetadata:
-    classes = [-1, len(spec.labels)]
-    return ModelMetadata(
-        name=spec.name, versions=[spec.version], platform=PLATFORM,
-        inputs=[TensorMetadata(name=spec.input_name, datatype="FP32", shape=spec.input_shape)],
-        outputs=[TensorMetadata(name=name, datatype="FP32", shape=classes) for name in OUTPUTS],
-    )
-
-
-# --- routes ---------------------------------------------------------------------------------------------------------
-
-
-async def served_model(state: State, _: Authorized, name: str) -> Serving:
+from fastapi.routing import APIRoute
+from starlette.routing import Match
+
+from service.core import Pipeline, classify_images, classify_tensors
+from service.errors import UnknownModel
+from service.http import Authorized, State, disconnected, door_route, read_body
+from service.protocol import (
+    EXTENSIONS,
+    HEADER_LENGTH,
+    SERVER_NAME,
+    InferenceResponse,
+    ModelMetadata,
+    ModelReady,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+    V2Error,
+    encode_response,
+    model_metadata_of,
+    parse_header,
+    read_input,
+    requested_outputs,
+    split_body,
+)
+
+
+async def served_model(state: State, _: Authorized, name: str) -> Pipeline:
     """The served model, if it is the one the path names. The key is checked first, so that without one
     a client cannot tell which model names exist."""
     serving = state.require_ready()
@@ -325,7 +51,7 @@ async def served_model(state: State, _: Authorized, name: str) -> Serving:
     return serving
 
 
-Served = Annotated[Serving, Depends(served_model)]
+Served = Annotated[Pipeline, Depends(served_model)]
 
 
 async def served_version(serving: Served, name: str, version: str) -> None:
@@ -349,7 +75,8 @@ INFER_BODY = {
     }
 }
 
-router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"], responses=ERRORS)
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"], responses=ERRORS,
+                   route_class=door_route("error", validation_status=400))
 
 
 @router.get("", response_model=ServerMetadata)
@@ -395,15 +122,28 @@ async def infer(
 ) -> Response:
     """Classify FP32 tensors (preprocessed) or BYTES tensors (encoded images), as JSON or binary tensor data."""
     started = time.perf_counter()
-    if request.headers.get("content-encoding", "identity").lower() != "identity":
-        raise UnsupportedContentEncoding()
     body = await read_body(request, state.settings)
     header, binary = split_body(body, inference_header_content_length)
     req = parse_header(header)
-    batch = read_input(req, binary, serving.model.spec, state.settings.max_batch_images)
+    batch = read_input(req, binary, serving.model.spec)
     wanted = requested_outputs(req)  # before inference: a bad output name costs the model nothing
-    if isinstance(batch, np.ndarray):
-        classified = await classify_tensors(state, request, batch)
-    else:
-        classified = await classify_images(state, request, batch)
-    return inference_response(req, classified, wanted, started)
+    classify = classify_tensors if isinstance(batch, np.ndarray) else classify_images
+    classification = await classify(state, batch, disconnected(request))
+    head, blobs = encode_response(req, classification.model.spec, classification.logits, wanted)
+    headers = {"Server-Timing": classification.server_timing(started)}
+    if not blobs:
+        return Response(head, media_type="application/json", headers=headers)
+    headers[HEADER_LENGTH] = str(len(head))
+    return Response(head + b"".join(blobs), media_type="application/octet-stream", headers=headers)
+
+
+@router.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                  include_in_schema=False)
+async def not_found(request: Request) -> Response:
+    """Any other path under /v2: 404 (or 405 for a known path and the wrong method) in the protocol's shape."""
+    scope = {**request.scope, "path": request.url.path}
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.endpoint is not not_found and route.matches(scope)[0] == Match.PARTIAL:
+            return JSONResponse({"error": "Method Not Allowed"}, status_code=405, headers={"Allow": ", ".join(
+                sorted(route.methods))})
+    return JSONResponse({"error": "Not Found"}, status_code=404)

@@ -101,7 +101,7 @@ def test_batcher_full_queue_refuses_with_retry_after():
         held = batcher.reserve(3)
         with pytest.raises(QueueFull) as err:
             batcher.reserve(1)
-        assert err.value.headers == {"Retry-After": "1"}
+        assert err.value.retry_after_s == 1.0
         held.release()
         batcher.reserve(1).release()
         await batcher.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -185,6 +186,9 @@ def multipart(n: int) -> dict:
         pytest.param({"content": bomb_png(4000, 3000), "headers": {"content-type": "image/png"}}, 413,
                      "image has too many pixels", id="over-pixel-setting"),
         pytest.param(multipart(17), 413, "too many images in one request", id="too-many-files"),
+        pytest.param({"content": gzip.compress(png(one_per_class()[0][0])),
+                      "headers": {"content-type": "image/png", "content-encoding": "gzip"}}, 415,
+                     "unsupported Content-Encoding: send the body uncompressed", id="gzip-body"),
         # curl --data-binary sends urlencoded; such a body is taken as image bytes, so form fields fail to decode
         pytest.param({"data": {"note": "no file"}}, 400, "could not decode image", id="urlencoded-form-fields"),
         pytest.param({"content": b"--x\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nv\r\n--x--\r\n",

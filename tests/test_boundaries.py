@@ -1,4 +1,4 @@
-"""The contract module: shared by both sides, so it must import neither torch nor onnxruntime."""
+"""Boundaries: the contract imports neither torch nor onnxruntime, the core no web framework."""
 
 from __future__ import annotations
 
@@ -36,3 +36,16 @@ def test_read_spec_refuses_bad_preprocessing_metadata(meta, message):
     assert contract.read_spec(good, inputs, outputs, name="m", version="v").labels == ["a", "b"]
     with pytest.raises(contract.ContractError, match=message):
         contract.read_spec({**good, **meta}, inputs, outputs, name="m", version="v")
+
+
+CORE = ["service.core", "service.batching", "service.preprocessing", "service.runtime", "service.errors",
+        "service.settings", "service.metrics", "service.auth", "service.lifecycle", "service.protocol"]
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_import_core_module_loads_no_web_framework(module):
+    """Imports point one way: the doors know FastAPI, the core below them knows none."""
+    code = (f"import sys, {module}; web = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('fastapi', 'starlette', 'uvicorn')); print(web); sys.exit(1 if web else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -1,0 +1,206 @@
+"""What the HTTP doors share: the domain errors' HTTP status codes (one table), each door's error shape, the
+state and API-key dependencies, reading a body within the shared limits, noticing a client that left, and the
+request metrics middleware. The doors are ``service.routes`` (``{"detail"}`` errors) and ``service.v2`` (the
+Open Inference Protocol's ``{"error"}``, 400 where FastAPI would say 422)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import errors, metrics
+from service.auth import check_admin, check_key
+from service.core import ServiceState
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+HTTP_STATUS: dict[type[errors.ServiceError], int] = {
+    errors.EmptyBody: 400,
+    errors.InvalidImage: 400,
+    errors.NoImages: 400,
+    errors.InvalidMultipart: 400,
+    errors.InvalidInferenceRequest: 400,
+    errors.Unauthorized: 401,
+    errors.AdminDisabled: 403,
+    errors.UnknownModel: 404,
+    errors.BodyTimeout: 408,
+    errors.ReloadFailed: 409,
+    errors.PayloadTooLarge: 413,
+    errors.ImageTooLarge: 413,
+    errors.TooManyImages: 413,
+    errors.UnsupportedMediaType: 415,
+    errors.UnsupportedContentEncoding: 415,
+    errors.QueueFull: 429,
+    errors.ClientGone: 499,  # nginx's code; nobody is left to read it
+    errors.InferenceFailed: 500,
+    errors.ModelNotReady: 503,
+    errors.DeadlineExceeded: 504,
+}
+
+
+def status_of(exc: errors.ServiceError) -> int:
+    return next((HTTP_STATUS[c] for c in type(exc).__mro__ if c in HTTP_STATUS), 500)
+
+
+def headers_of(exc: errors.ServiceError) -> dict[str, str]:
+    if isinstance(exc, errors.Unauthorized):
+        return {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, errors.QueueFull):
+        return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    return {}
+
+
+def error_response(request: Request, exc: Exception, key: str, validation_status: int) -> Response:
+    """Any failure of a request as the door's error body ``{key: message}``; 5xx but 503/504 carry an
+    ``error_id`` that is also in the log, beside the cause."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, ClientDisconnect):  # the client left while its body was read: their doing
+        exc = errors.ClientGone()
+    if isinstance(exc, errors.ServiceError):
+        status, message, headers = status_of(exc), exc.detail, headers_of(exc)
+    elif isinstance(exc, RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body", "header"))
+        status, message = validation_status, f"invalid {where or 'request'}: {first.get('msg', 'validation failed')}"
+    elif isinstance(exc, HTTPException):
+        status, message, headers = exc.status_code, str(exc.detail), dict(exc.headers or {})
+    else:
+        error_id = uuid.uuid4().hex[:12]
+        log.error("error_id=%s unexpected failure on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+        return JSONResponse({key: "internal error", "error_id": error_id}, status_code=500)
+    body = {key: message}
+    if status >= 500 and status not in (503, 504):
+        body["error_id"] = error_id = uuid.uuid4().hex[:12]
+        log.error("error_id=%s %s %s: %s", error_id, request.method, request.url.path, exc.__cause__ or exc)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def door_route(key: str, validation_status: int) -> type[APIRoute]:
+    """A route class whose handler answers every failure in this door's shape: the one place a door maps errors."""
+
+    class DoorRoute(APIRoute):
+        def get_route_handler(self) -> Callable:
+            handler = super().get_route_handler()
+
+            async def handle(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except Exception as exc:  # noqa: BLE001 - every failure becomes this door's error answer
+                    return error_response(request, exc, key, validation_status)
+
+            return handle
+
+    return DoorRoute
+
+
+# --- dependencies -----------------------------------------------------------------------------------------------
+
+
+async def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+async def require_api_key(request: Request) -> None:
+    # async, though it awaits nothing: FastAPI runs a plain def dependency in its thread pool, a hop that costs
+    # more than the check.
+    check_key(request.app.state.service.settings.api_keys, request.headers.get("authorization"))
+
+
+async def require_admin(request: Request) -> None:
+    check_admin(request.app.state.service.settings.api_keys, request.headers.get("authorization"))
+
+
+State = Annotated[ServiceState, Depends(get_state)]
+Authorized = Annotated[None, Depends(require_api_key)]
+Admin = Annotated[None, Depends(require_admin)]
+
+
+# --- bodies and clients -----------------------------------------------------------------------------------------
+
+
+async def read_body(request: Request, settings: Settings) -> bytes:
+    """The whole body, within the limits every HTTP door shares: ``PayloadTooLarge`` as soon as it passes
+    ``max_upload_bytes`` (never buffered beyond it), ``BodyTimeout`` if it takes longer than ``body_timeout_s``
+    (a client trickling bytes holds no slot for long), and no ``Content-Encoding`` but identity."""
+    if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
+        raise errors.UnsupportedContentEncoding()
+    limit = settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise errors.PayloadTooLarge()
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise errors.PayloadTooLarge()
+                chunks.append(chunk)
+    except TimeoutError as e:
+        raise errors.BodyTimeout() from e
+    return b"".join(chunks)
+
+
+async def disconnected(request: Request) -> None:
+    """Resolves when the client disconnects (the body has been read, so the next message is that): the core's
+    "client gone" awaitable."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# --- the app around the doors -----------------------------------------------------------------------------------
+
+
+class RequestMetrics:
+    """Requests by route template and status, and their latency. Pure ASGI middleware (BaseHTTPMiddleware would
+    copy every body through a queue)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            metrics.REQUESTS.labels(template, scope["method"], str(status)).inc()
+            metrics.REQUEST_LATENCY.labels(template).observe(time.perf_counter() - start)
+
+
+def install(app: FastAPI) -> None:
+    """Outside the doors (the page's files, the docs): an unexpected failure is still a JSON 500 with an id."""
+    app.add_middleware(RequestMetrics)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        return error_response(request, exc, "detail", 422)
+
+    app.add_exception_handler(Exception, unexpected)

@@ -1,0 +1,100 @@
+"""The service's life, in one place: start (state, micro-batcher, model loaded in the background), the signals
+(SIGTERM/SIGINT drain, SIGHUP reload), and stop (drain, then release the batcher and the thread pools)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from service import metrics
+from service.batching import MicroBatcher
+from service.core import ServiceState
+from service.errors import ReloadFailed
+from service.runtime import Model
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+def keep_clean_exit_after_drain() -> None:
+    """uvicorn re-raises the signal that stopped it once it has shut down gracefully; with SIGTERM's default
+    action that would turn a clean drain into exit status 143. The drain is the handling: exit 0."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+
+
+def _reload_on_sighup(state: ServiceState) -> Callable[[], None]:
+    """SIGHUP reloads the model from ``model_path`` (the usual daemon convention); returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+
+    async def reload() -> None:
+        try:
+            await state.reload()
+        except ReloadFailed:
+            pass  # logged and counted by reload(); the old model keeps serving
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    return lambda: loop.remove_signal_handler(signal.SIGHUP)
+
+
+def _drain_on_stop_signals(state: ServiceState) -> None:
+    """Turn not-ready the moment SIGTERM/SIGINT arrives, then let the server's own handler start its graceful
+    shutdown (stop accepting, finish accepted requests, run the lifespan's exit)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread (not so under a TestClient)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def handler(signum: int, frame: object, previous: Callable = previous) -> None:
+            state.begin_drain()
+            previous(signum, frame)
+
+        signal.signal(sig, handler)
+
+
+def lifespan(settings: Settings, load_model: Callable[[Settings], Model]):
+    """The ASGI lifespan: ``app.state.service`` holds the ``ServiceState`` while the app runs."""
+
+    @asynccontextmanager
+    async def run(app) -> AsyncIterator[None]:
+        state = ServiceState(settings, load_model)
+        app.state.service = state
+        _drain_on_stop_signals(state)
+        undo_sighup = _reload_on_sighup(state)
+        batcher: MicroBatcher = MicroBatcher(
+            lambda model, x: model.run(x), state.infer_pool, settings.max_batch_size,
+            settings.max_batch_delay_ms / 1000, settings.max_queue, metrics.observe_batch, metrics.QUEUE_DEPTH.set,
+        )
+        batcher.start()
+        state.batcher = batcher
+        # Load in the background: the process answers liveness (and a 503 readiness) while it loads.
+        loader = asyncio.create_task(state.load(), name="model-load")
+        try:
+            if settings.workers > 1:
+                # Several workers share one listening socket and the kernel hands each connection to any of
+                # them: a worker still loading would answer 503 to traffic sent on another worker's readiness.
+                # uvicorn accepts only after the lifespan's startup, so each worker waits for its model.
+                await asyncio.shield(loader)
+            yield
+        finally:
+            undo_sighup()
+            state.begin_drain()
+            loader.cancel()
+            await batcher.stop()
+            state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            state.infer_pool.shutdown(wait=False, cancel_futures=True)
+
+    return run
