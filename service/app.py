@@ -8,6 +8,7 @@ from collections.abc import Callable
 from fastapi import FastAPI
 
 from service import http, lifecycle, routes, ui, v2
+from service.predict import PredictEndpoint
 from service.runtime import Model
 from service.settings import Settings
 
@@ -21,6 +22,7 @@ def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = 
         lifespan=lifecycle.lifespan(settings, load_model),
     )
     http.install(app)
+    app.add_middleware(PredictEndpoint)  # added last: outermost, before the other middleware runs
     app.include_router(routes.router)
     app.include_router(v2.router)
     ui.install(app, settings)

@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -64,7 +65,7 @@ def headers_of(exc: errors.ServiceError) -> dict[str, str]:
     return {}
 
 
-def error_response(request: Request, exc: Exception, key: str, validation_status: int) -> Response:
+def error_response(method: str, path: str, exc: Exception, key: str, validation_status: int) -> Response:
     """Any failure of a request as the door's error body ``{key: message}``; 5xx but 503/504 carry an
     ``error_id`` that is also in the log, beside the cause."""
     headers: dict[str, str] = {}
@@ -80,12 +81,12 @@ def error_response(request: Request, exc: Exception, key: str, validation_status
         status, message, headers = exc.status_code, str(exc.detail), dict(exc.headers or {})
     else:
         error_id = uuid.uuid4().hex[:12]
-        log.error("error_id=%s unexpected failure on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+        log.error("error_id=%s unexpected failure on %s %s", error_id, method, path, exc_info=exc)
         return JSONResponse({key: "internal error", "error_id": error_id}, status_code=500)
     body = {key: message}
     if status >= 500 and status not in (503, 504):
         body["error_id"] = error_id = uuid.uuid4().hex[:12]
-        log.error("error_id=%s %s %s: %s", error_id, request.method, request.url.path, exc.__cause__ or exc)
+        log.error("error_id=%s %s %s: %s", error_id, method, path, exc.__cause__ or exc)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -100,7 +101,7 @@ def door_route(key: str, validation_status: int) -> type[APIRoute]:
                 try:
                     return await handler(request)
                 except Exception as exc:  # noqa: BLE001 - every failure becomes this door's error answer
-                    return error_response(request, exc, key, validation_status)
+                    return error_response(request.method, request.url.path, exc, key, validation_status)
 
             return handle
 
@@ -132,34 +133,40 @@ Admin = Annotated[None, Depends(require_admin)]
 # --- bodies and clients -----------------------------------------------------------------------------------------
 
 
-async def read_body(request: Request, settings: Settings) -> bytes:
+async def read_body(receive: Receive, headers: Headers, settings: Settings) -> bytes:
     """The whole body, within the limits every HTTP door shares: ``PayloadTooLarge`` as soon as it passes
     ``max_upload_bytes`` (never buffered beyond it), ``BodyTimeout`` if it takes longer than ``body_timeout_s``
     (a client trickling bytes holds no slot for long), and no ``Content-Encoding`` but identity."""
-    if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
+    if headers.get("content-encoding", "identity").strip().lower() != "identity":
         raise errors.UnsupportedContentEncoding()
     limit = settings.max_upload_bytes
-    declared = request.headers.get("content-length")
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise errors.PayloadTooLarge()
     chunks, size = [], 0
     try:
         async with asyncio.timeout(settings.body_timeout_s):
-            async for chunk in request.stream():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
                     raise errors.PayloadTooLarge()
                 chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
     except TimeoutError as e:
         raise errors.BodyTimeout() from e
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def disconnected(request: Request) -> None:
+async def disconnected(receive: Receive) -> None:
     """Resolves when the client disconnects (the body has been read, so the next message is that): the core's
     "client gone" awaitable."""
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
 
@@ -201,6 +208,6 @@ def install(app: FastAPI) -> None:
     app.add_middleware(RequestMetrics)
 
     async def unexpected(request: Request, exc: Exception) -> Response:
-        return error_response(request, exc, "detail", 422)
+        return error_response(request.method, request.url.path, exc, "detail", 422)
 
     app.add_exception_handler(Exception, unexpected)

@@ -122,13 +122,13 @@ async def infer(
 ) -> Response:
     """Classify FP32 tensors (preprocessed) or BYTES tensors (encoded images), as JSON or binary tensor data."""
     started = time.perf_counter()
-    body = await read_body(request, state.settings)
+    body = await read_body(request.receive, request.headers, state.settings)
     header, binary = split_body(body, inference_header_content_length)
     req = parse_header(header)
     batch = read_input(req, binary, serving.model.spec)
     wanted = requested_outputs(req)  # before inference: a bad output name costs the model nothing
     classify = classify_tensors if isinstance(batch, np.ndarray) else classify_images
-    classification = await classify(state, batch, disconnected(request))
+    classification = await classify(state, batch, disconnected(request.receive))
     head, blobs = encode_response(req, classification.model.spec, classification.logits, wanted)
     headers = {"Server-Timing": classification.server_timing(started)}
     if not blobs:

@@ -1,0 +1,160 @@
+"""``POST /predict``, the hot path, as a plain ASGI endpoint in front of the FastAPI app.
+
+Each request here skips what the route does not need: the middleware stack, routing, dependency resolution and
+a Response object. It reads the body within the shared limits, calls the core, and answers with orjson. The
+FastAPI route of the same path (``service.routes``) documents the operation in OpenAPI and answers the same way
+where this endpoint is not in front.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+from urllib.parse import parse_qsl
+
+import numpy as np
+import orjson
+from pydantic import Field, TypeAdapter, ValidationError
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service import metrics
+from service.auth import check_key
+from service.core import Classification, ServiceState, classify_images
+from service.errors import EmptyBody, InvalidMultipart, NoImages, TooManyImages, UnsupportedMediaType
+from service.http import disconnected, error_response, read_body
+from service.runtime import softmax
+from service.settings import Settings
+
+PATH = "/predict"
+RAW_TYPES = ("application/octet-stream", "application/x-www-form-urlencoded")  # the latter: curl --data-binary
+TopK = Annotated[int, Field(ge=1, le=1000, description="classes to list, capped at the class count")]
+TOP_K = TypeAdapter(TopK)
+
+
+class InvalidTopK(ValueError):
+    pass
+
+
+def top_k_of(query_string: bytes) -> int:
+    """The ``top_k`` query parameter, validated as FastAPI would (the same messages)."""
+    value = 5
+    for key, raw in parse_qsl(query_string.decode("latin-1")):
+        if key == "top_k":
+            value = raw
+    try:
+        return TOP_K.validate_python(value, strict=False)
+    except ValidationError as e:
+        raise InvalidTopK(f"invalid top_k: {e.errors()[0]['msg']}") from e
+
+
+async def read_images(receive: Receive, headers: Headers, settings: Settings) -> list[bytes]:
+    """The image payloads of a request: a raw body, or the file parts of a multipart form, in order."""
+    content_type = headers.get("content-type", "application/octet-stream")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "multipart/form-data" and not (media.startswith("image/") or media in RAW_TYPES):
+        raise UnsupportedMediaType()
+    body = await read_body(receive, headers, settings)
+    if not body:
+        raise EmptyBody()
+    if media != "multipart/form-data":
+        return [body]
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    # The parser stops at the core's image limit, so a form of many tiny parts is not parsed to the end.
+    parser = MultiPartParser(headers, stream(), max_files=settings.max_batch_images, max_fields=100,
+                             max_part_size=settings.max_upload_bytes)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        # Starlette signals the file-count limit only through this message.
+        raise (TooManyImages() if "Too many files" in e.message else InvalidMultipart()) from e
+    try:
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not files:
+            raise NoImages()
+        images = [await f.read() for f in files]
+    finally:
+        await form.close()
+    if any(not data for data in images):
+        raise EmptyBody("empty file part")
+    return images
+
+
+def prediction(classification: Classification, top_k: int, started: float) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The response body (JSON) and headers."""
+    model = classification.model
+    spec = model.spec
+    probs = softmax(classification.logits)  # (N, classes), float64
+    k = min(top_k, len(spec.labels))
+    orders = np.argsort(-probs, axis=1, kind="stable")[:, :k].tolist()  # one numpy call for the whole batch
+    labels = spec.labels
+    predictions = [
+        {"probabilities": p, "top_k": [{"label": labels[i], "index": i, "probability": p[i]} for i in order]}
+        for p, order in zip(probs.tolist(), orders, strict=True)
+    ]
+    body = orjson.dumps({"model": {"name": spec.name, "version": spec.version}, "provider": model.provider,
+                         "predictions": predictions})
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"server-timing", classification.server_timing(started).encode()),
+        (b"x-model-name", spec.name.encode()),
+        (b"x-model-version", spec.version.encode()),
+        (b"x-inference-provider", model.provider.encode()),
+    ]
+    return body, headers
+
+
+async def handle(state: ServiceState, scope: Scope, receive: Receive) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """Classify one image (raw body) or several (multipart file parts); probabilities per image."""
+    started = time.perf_counter()
+    headers = Headers(scope=scope)
+    check_key(state.settings.api_keys, headers.get("authorization"))
+    top_k = top_k_of(scope.get("query_string", b""))
+    state.require_ready()
+    images = await read_images(receive, headers, state.settings)
+    classification = await classify_images(state, images, disconnected(receive))
+    return prediction(classification, top_k, started)
+
+
+class PredictEndpoint:
+    """ASGI middleware that answers ``POST /predict`` itself and passes everything else on."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.latency = metrics.REQUEST_LATENCY.labels(PATH)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        state: ServiceState = scope["app"].state.service
+        try:
+            body, headers = await handle(state, scope, receive)
+        except InvalidTopK as e:
+            await self.fail(scope, receive, send, 422, orjson.dumps({"detail": str(e)}), start)
+            return
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this door's error answer
+            response = error_response("POST", PATH, exc, "detail", 422)
+            await response(scope, receive, send)
+            self.observe(response.status_code, start)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        self.observe(200, start)
+
+    async def fail(self, scope: Scope, receive: Receive, send: Send, status: int, body: bytes, start: float) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        self.observe(status, start)
+
+    def observe(self, status: int, start: float) -> None:
+        metrics.REQUESTS.labels(PATH, "POST", str(status)).inc()
+        self.latency.observe(time.perf_counter() - start)
