@@ -101,7 +101,7 @@ def branch_ratios(model: ResNet, loader: DataLoader, normalise: Callable, device
     def measure(i: int) -> Callable:
         def hook(block: torch.nn.Module, inputs: tuple[torch.Tensor]) -> None:
             a = inputs[0]  # a: (N, C, H, W)
-            shortcut = a if block.shortcut is None else block.shortcut(a)
+            shortcut = a if block.downsample is None else block.downsample(a)
             ratio = block.branch(a).flatten(1).norm(dim=1) / shortcut.flatten(1).norm(dim=1)  # (N,)
             sums[i] += ratio.double().sum().cpu()
 

@@ -68,9 +68,9 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(planes, out_planes)
         self.bn2 = nn.BatchNorm2d(out_planes)
         self.residual = residual
-        self.shortcut: nn.Module | None = None
+        self.downsample: nn.Module | None = None  # the shortcut Ws; torchvision's name, so its weights load
         if residual and (stride != 1 or in_planes != out_planes):
-            self.shortcut = projection(in_planes, out_planes, stride, shortcut)
+            self.downsample = projection(in_planes, out_planes, stride, shortcut)
 
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn2
@@ -81,7 +81,7 @@ class BasicBlock(nn.Module):
         return self.bn2(self.conv2(z))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.shortcut is None else self.shortcut(x)
+        identity = x if self.downsample is None else self.downsample(x)
         z = self.branch(x)
         if self.residual:
             z = z + identity
@@ -109,9 +109,9 @@ class Bottleneck(nn.Module):
         self.conv3 = conv1x1(planes, out_planes)
         self.bn3 = nn.BatchNorm2d(out_planes)
         self.residual = residual
-        self.shortcut: nn.Module | None = None
+        self.downsample: nn.Module | None = None  # the shortcut Ws, named as in torchvision
         if residual and (stride != 1 or in_planes != out_planes):
-            self.shortcut = projection(in_planes, out_planes, stride, shortcut)
+            self.downsample = projection(in_planes, out_planes, stride, shortcut)
 
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn3
@@ -122,7 +122,7 @@ class Bottleneck(nn.Module):
         return self.bn3(self.conv3(z))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.shortcut is None else self.shortcut(x)
+        identity = x if self.downsample is None else self.downsample(x)
         z = self.branch(x)
         if self.residual:
             z = z + identity
@@ -163,26 +163,25 @@ class ResNet(nn.Module):
         if num_classes < 1 or in_channels < 1:
             raise ValueError(f"num_classes and in_channels must be positive, got {num_classes}, {in_channels}")
 
+        # Module names and registration order follow torchvision's ResNet, so its state dicts load strictly
+        # into resnet18/34/50; the CIFAR nets use the same scheme (conv1, bn1, layer1..3, fc).
         self.in_planes = widths[0]
         if stem == "cifar":
-            self.stem = nn.Sequential(conv3x3(in_channels, widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+            self.conv1 = conv3x3(in_channels, widths[0])
         else:
-            self.stem = nn.Sequential(
-                nn.Conv2d(in_channels, widths[0], kernel_size=7, stride=2, padding=3, bias=False),
-                nn.BatchNorm2d(widths[0]),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-            )
-        stages = []
+            self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
+        self.num_stages = len(layers)
         for i, (n, width) in enumerate(zip(layers, widths, strict=True)):
             stride = 1 if i == 0 else 2
             blocks = []
             for j in range(n):
                 blocks.append(block(self.in_planes, width, stride if j == 0 else 1, shortcut, residual))
                 self.in_planes = width * block.expansion
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(self.in_planes, num_classes)
 
         # He et al. 2015, "Delving Deep into Rectifiers": init for ReLU nets.
@@ -200,13 +199,20 @@ class ResNet(nn.Module):
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     nn.init.zeros_(m.last_bn().weight)
 
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
+
     def blocks(self) -> list[BasicBlock | Bottleneck]:
         return [m for m in self.modules() if isinstance(m, (BasicBlock, Bottleneck))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)  # x: (N, C0, H', W')
-        x = self.stages(x)  # x: (N, C_last, H'/2^(S-1), W'/2^(S-1))
-        x = torch.flatten(self.pool(x), 1)  # x: (N, C_last)
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)  # x: (N, C0, H', W'); the identity for the CIFAR stem
+        for stage in self.stages():  # each stage after the first halves H and W
+            x = stage(x)  # x: (N, C_last, H'/2^(S-1), W'/2^(S-1)) after the last of S stages
+        x = torch.flatten(self.avgpool(x), 1)  # x: (N, C_last)
         return self.fc(x)  # logits: (N, num_classes)
 
 

@@ -112,7 +112,7 @@ def test_branch_ratios_matches_known_branch_and_removes_its_hooks():
     # channels: the option A shortcut keeps 3s on 4 x 2 x 2 and pads 4 zero channels (norm 3 * 4), while
     # F = 1.5 on 8 x 2 x 2 (norm 1.5 * sqrt(32)): 1.5 * sqrt(32) / 12 = sqrt(2) / 2.
     model = ResNet(BasicBlock, [1, 1], [4, 8], in_channels=4, shortcut="A")
-    model.stem = torch.nn.Identity()
+    model.conv1 = model.bn1 = torch.nn.Identity()
     first, second = model.blocks()
     constant_branch(first, 1.0)
     constant_branch(second, 1.5)

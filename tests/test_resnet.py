@@ -86,8 +86,8 @@ def test_block_output_shape_through_each_shortcut(block_type, in_planes, planes,
 def test_option_a_shortcut_has_no_parameters_and_option_b_learns_one():
     a = BasicBlock(16, 32, 2, "A")
     b = BasicBlock(16, 32, 2, "B")
-    assert n_params(a.shortcut) == 0
-    assert n_params(b.shortcut) == 16 * 32 + 2 * 32  # 1x1 conv + BN scale and shift
+    assert n_params(a.downsample) == 0
+    assert n_params(b.downsample) == 16 * 32 + 2 * 32  # 1x1 conv + BN scale and shift
 
 
 @pytest.mark.parametrize(
@@ -111,3 +111,20 @@ def test_forward_gives_logits_per_class(arch, channels, size):
 def test_build_invalid_config_fails_with_exact_message(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize(
+    ("shortcut", "downsample_keys"),
+    [
+        pytest.param("A", [], id="option-A-parameter-free"),
+        pytest.param("B", ["layer2.0.downsample.0.weight", "layer2.0.downsample.1.weight"], id="option-B-projection"),
+    ],
+)
+def test_cifar_state_dict_uses_torchvision_names(shortcut, downsample_keys):
+    keys = list(build("resnet20", shortcut=shortcut).state_dict())
+    assert sorted({k.split(".")[0] for k in keys}) == ["bn1", "conv1", "fc", "layer1", "layer2", "layer3"]
+    assert keys[:2] == ["conv1.weight", "bn1.weight"] and keys[-2:] == ["fc.weight", "fc.bias"]
+    assert "layer3.2.bn2.running_var" in keys
+    assert [k for k in keys if "downsample" in k and k.endswith(".weight")] == downsample_keys + [
+        k.replace("layer2", "layer3") for k in downsample_keys
+    ]
