@@ -92,7 +92,7 @@ class ServiceState:
         self.serving = serving
         spec = serving.model.spec
         metrics.MODEL_LOADS.labels("ok").inc()
-        metrics.MODEL_INFO.info({"name": spec.name, "version": spec.version, "provider": serving.model.provider})
+        metrics.serving(spec.name, spec.version, serving.model.provider)
         if self.status == "loading":
             self.status, self.reason = "ready", None
             log.info("ready: %s %s on %s", spec.name, spec.version, serving.model.provider)
@@ -113,7 +113,7 @@ class ServiceState:
             self.serving = serving
             spec = serving.model.spec
             metrics.MODEL_LOADS.labels("ok").inc()
-            metrics.MODEL_INFO.info({"name": spec.name, "version": spec.version, "provider": serving.model.provider})
+            metrics.serving(spec.name, spec.version, serving.model.provider)
             if self.status == "failed":  # the file was fixed: become ready
                 self.status, self.reason = "ready", None
             log.info("reloaded: %s -> %s on %s", old, spec.version, serving.model.provider)

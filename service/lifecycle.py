@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +25,13 @@ def keep_clean_exit_after_drain() -> None:
     """uvicorn re-raises the signal that stopped it once it has shut down gracefully; with SIGTERM's default
     action that would turn a clean drain into exit status 143. The drain is the handling: exit 0."""
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+
+
+def reload_other_workers(settings: Settings) -> None:
+    """After an /admin/reload under the supervisor: it forwards SIGHUP to every worker (this one reloads again,
+    which is harmless: the same file, under the reload lock)."""
+    if settings.workers > 1:
+        os.kill(os.getppid(), signal.SIGHUP)
 
 
 def _reload_on_sighup(state: ServiceState) -> Callable[[], None]:
@@ -84,9 +92,8 @@ def lifespan(settings: Settings, load_model: Callable[[Settings], Model]):
         loader = asyncio.create_task(state.load(), name="model-load")
         try:
             if settings.workers > 1:
-                # Several workers share one listening socket and the kernel hands each connection to any of
-                # them: a worker still loading would answer 503 to traffic sent on another worker's readiness.
-                # uvicorn accepts only after the lifespan's startup, so each worker waits for its model.
+                # A worker listens only after the lifespan's startup: waiting here for the model means the kernel
+                # sends it no connection until it is ready (service.supervisor).
                 await asyncio.shield(loader)
             yield
         finally:

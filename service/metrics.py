@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 # Sub-millisecond to seconds: a 32x32 PNG decodes in 50 us, a 12 MP JPEG in tens of ms, a batch of
 # resnet50 on the CPU in seconds.
@@ -15,9 +17,11 @@ PREPROCESS = Histogram("predict_preprocess_seconds", "Resize and normalise time,
 QUEUE_WAIT = Histogram("predict_queue_wait_seconds", "Time an image waited for its batch", buckets=STAGE_BUCKETS)
 INFERENCE = Histogram("predict_inference_seconds", "session.run time, per batch", buckets=STAGE_BUCKETS)
 BATCH_SIZE = Histogram("predict_batch_size", "Images per session.run", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-QUEUE_DEPTH = Gauge("predict_queue_depth", "Images admitted and not yet dispatched to the model")
+QUEUE_DEPTH = Gauge("predict_queue_depth", "Images admitted and not yet dispatched to the model",
+                    multiprocess_mode="livesum")
 IMAGES = Counter("predict_images", "Images classified")
-MODEL_INFO = Info("model", "The model being served")
+# A gauge, not an Info: Info does not aggregate over worker processes. 1 for each model some worker serves.
+MODEL_INFO = Gauge("model_info", "The model being served", ["name", "version", "provider"], multiprocess_mode="max")
 MODEL_LOADS = Counter("model_loads", "Model load attempts", ["result"])
 
 
@@ -25,3 +29,23 @@ def observe_batch(size: int, seconds: float) -> None:
     BATCH_SIZE.observe(size)
     INFERENCE.observe(seconds)
     IMAGES.inc(size)
+
+
+_served: list[tuple[str, str, str]] = []
+
+
+def serving(name: str, version: str, provider: str) -> None:
+    """The model this process now serves (the one it served before, if any, no longer)."""
+    for old in _served:
+        MODEL_INFO.labels(*old).set(0)
+    _served[:] = [(name, version, provider)]
+    MODEL_INFO.labels(name, version, provider).set(1)
+
+
+def exposition() -> bytes:
+    """The text format: this process's metrics, or every worker's under the supervisor."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return generate_latest()
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)

@@ -9,9 +9,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from service import metrics
+from service import lifecycle, metrics
 from service import predict as hot_path
 from service.http import Admin, Authorized, State, door_route
 from service.schemas import Error, Health, ModelCard, ModelRef, PredictResponse, Reloaded
@@ -79,6 +79,7 @@ async def model_card(state: State, _: Authorized) -> ModelCard:
 async def reload(state: State, _: Admin) -> Reloaded:
     """Reload the model from the configured path; the old one serves until the new one is warm."""
     pipeline = await state.reload()
+    lifecycle.reload_other_workers(state.settings)
     spec = pipeline.model.spec
     return Reloaded(status="reloaded", model=ModelRef(name=spec.name, version=spec.version),
                     provider=pipeline.model.provider)
@@ -89,4 +90,4 @@ async def prometheus(state: State) -> Response:
     """Prometheus exposition."""
     if state.batcher is not None:
         metrics.QUEUE_DEPTH.set(state.batcher.depth)
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     # HTTP server
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes, each with its own session")
+    workers: int = Field(1, ge=1, le=64, description="worker processes, each with its own session (service.supervisor)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")
     body_timeout_s: float = Field(30.0, gt=0, description="longest time a request body may take to arrive (408)")
