@@ -18,18 +18,16 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from bench.harness import HOST, Server, ServerFailed, free_port, start_service
 from contract import INPUT_NAME, LOGITS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,26 +196,6 @@ def median_alone(runs: list[dict]) -> dict:
 # --- servers and load ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def start_server(kind: str, model: Path, log: Path, device: str = "cpu",
                  trees: dict[str, Path] | None = None) -> Server:
     """kind: naive_app, batching_on, a VARIANTS key, or any of those as ``kind@REF`` to run the code of git
@@ -225,40 +203,21 @@ def start_server(kind: str, model: Path, log: Path, device: str = "cpu",
 
     kind, _, ref = kind.partition("@")
     cwd = trees[ref] if ref else ROOT
-    port = free_port()
-    env = {**os.environ, "RESNET_MODEL_PATH": str(model), "RESNET_HOST": "127.0.0.1", "RESNET_PORT": str(port),
-           "RESNET_LOG_LEVEL": "warning", "RESNET_MAX_UPLOAD_BYTES": str(50 * 2**20), "NAIVE_MODEL": str(model),
+    env = {"RESNET_MODEL_PATH": str(model), "RESNET_LOG_LEVEL": "warning", "RESNET_MAX_UPLOAD_BYTES": str(50 * 2**20),
            # room for 64 clients x 32 images: the naive app queues without limit, so 429s would not compare
-           "RESNET_MAX_QUEUE": "4096", "RESNET_DEVICE": device, "NAIVE_DEVICE": device}
+           "RESNET_MAX_QUEUE": "4096", "RESNET_DEVICE": device}
     if kind == "naive_app":
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", "bench.naive_app:create", "--host", "127.0.0.1",
+        port = free_port()
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", "bench.naive_app:create", "--host", HOST,
                "--port", str(port), "--log-level", "warning", "--no-access-log"]
+        server = Server(cmd, log, port=port, cwd=cwd, env={"NAIVE_MODEL": str(model), "NAIVE_DEVICE": device})
     else:
-        cmd = [sys.executable, "-m", "service"]
-        env.update(VARIANTS.get(kind, {}))
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(proc, url, log, 180)
-    return Server(proc, url)
-
-
-def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
-    """Until ``url`` answers ready; raise with the log's tail if the server exits or takes too long.
-    (With several workers the service accepts connections only once each has its model loaded.)"""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {log.read_text()[-1500:]}")
-        try:
-            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server not ready within {timeout:.0f} s: {log.read_text()[-1500:]}")
+        server = start_service({**env, **VARIANTS.get(kind, {})}, log, cwd=cwd)
+    try:
+        return server.wait_ready(180)
+    except ServerFailed:
+        server.stop()
+        raise
 
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}

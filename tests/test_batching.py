@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from bench.harness import wait_ready
 from service.app import create_app
 from service.batching import MicroBatcher
 from service.errors import InferenceFailed, QueueFull
@@ -20,7 +21,6 @@ from service.runtime import Model, softmax
 from service.settings import Settings
 from tests.conftest import loading_as
 from tests.images import encode, one_per_class, validation_digits
-from tests.test_service import wait_ready
 
 # --- the batcher's rules, with a plain numpy "model" (row sums) so every answer is checkable --------
 

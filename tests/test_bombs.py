@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import running_server
+from bench.harness import serve_service
 from tests.hostile import bomb_bmp, bomb_gif, bomb_ico, bomb_jpeg, bomb_tiff, text_bomb_png, valid_image
 from tests.images import bomb_png
 
@@ -38,7 +38,7 @@ def reset_peak(pid: int) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server({}, tmp_path_factory.mktemp("bombs") / "server.log") as s:  # default limits: 40 Mpx, 10 MB
+    with serve_service({}, tmp_path_factory.mktemp("bombs") / "server.log") as s:  # default limits: 40 Mpx, 10 MB
         yield s
 
 
