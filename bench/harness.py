@@ -10,6 +10,7 @@ Imports neither torch nor onnxruntime, so torch-free test runs and the bench's c
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -78,8 +79,12 @@ class Server:
         self._log: IO[bytes] = open(self.log_path, "ab")  # noqa: SIM115 - closed by stop()
         self._log_start = self._log.tell()  # a log shared by several servers: show only this one's part
         # Its own process group, so a kill after the SIGTERM timeout also reaches the workers it spawned.
-        self.proc = subprocess.Popen(list(argv), cwd=cwd, env={**os.environ, **(env or {})}, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(list(argv), cwd=cwd, env={**os.environ, **(env or {})}, stdout=self._log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError:
+            self._log.close()
+            raise
 
     def log_tail(self, chars: int = 2000) -> str:
         self._log.flush()
@@ -150,8 +155,6 @@ class ThreadedServer:
 
         class _Server(uvicorn.Server):
             async def serve(inner, sockets=None) -> None:  # noqa: N805 - inner: the uvicorn server, self: ours
-                import asyncio
-
                 self.loop = asyncio.get_running_loop()
                 await super().serve(sockets)
 

@@ -349,7 +349,12 @@ def markdown(cells: dict, alone: dict, rows: list, meta: dict, open_cells: dict 
                     bad = f" **{x['non_2xx']:.0f} non-2xx**" if x["non_2xx"] else ""
                     row += f" {x['req_s']:.0f}{img} {x['p50_ms']:.1f}/{x['p99_ms']:.1f}{bad} |"
                 lines.append(row)
+    if "zero" in cells:
+        lines.append("- zero: the zero-cost model (bench/zero_cost.py, microseconds a batch): its rows are what the "
+                     "serving path itself allows, the model taken out")
     for model, servers in cells.items():  # the service end to end against the model by itself
+        if model == "zero":
+            continue  # a model that costs nothing is no ceiling to compare with
         raw = max(max(per_batch.values()) for per_batch in alone[model]["modes"].values())
         for payload in PAYLOADS:
             ours = [(x["img_s"], s, c) for s, srv in servers.items() if s != "naive_app"
