@@ -1,12 +1,15 @@
 """Throughput benchmark: onnxruntime alone vs the hand-written naive app vs our service with batching
 off (MAX_BATCH_SIZE=1) and on, side by side in one run, on this machine.
 
-    python -m bench.run                 # resnet20 (default model) and resnet50 at 224x224, 3 repeats
-    python -m bench.run --quick         # resnet20 only, 1 repeat, short cells
+    python -m bench.run                 # resnet20 (default model), zero-cost and resnet50 at 224x224, 3 repeats
+    python -m bench.run --quick         # resnet20 and zero-cost only, 1 repeat, short cells
+    python -m bench.run --open-loop 2x  # also a constant arrival rate of twice each server's measured capacity
 
-Load comes from wrk (Debian package ``wrk``; C, so it leaves the server most of the CPU) on
-127.0.0.1. Writes ``results.json``, ``results.md`` and ``results.png`` to ``--out`` and prints the
-ratios the throughput targets are stated in. Figures are medians over repeats.
+``zero`` is a model that costs microseconds (``bench/zero_cost.py``) with the default model's contract: its row
+is the serving path's own ceiling. Closed-loop load comes from wrk (Debian package ``wrk``; C, so it leaves the
+server most of the CPU), open-loop load from h2load (``bench/open_loop.py``), both on 127.0.0.1. Writes
+``results.json``, ``results.md`` and ``results.png`` to ``--out`` and prints the ratios the throughput targets
+are stated in. Figures are medians over repeats.
 """
 
 from __future__ import annotations
@@ -18,18 +21,18 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from bench import open_loop
+from bench.harness import HOST, Server, ServerFailed, free_port, start_service
+from bench.zero_cost import zero_cost_model
 from contract import INPUT_NAME, LOGITS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,26 +201,6 @@ def median_alone(runs: list[dict]) -> dict:
 # --- servers and load ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def start_server(kind: str, model: Path, log: Path, device: str = "cpu",
                  trees: dict[str, Path] | None = None) -> Server:
     """kind: naive_app, batching_on, a VARIANTS key, or any of those as ``kind@REF`` to run the code of git
@@ -225,40 +208,21 @@ def start_server(kind: str, model: Path, log: Path, device: str = "cpu",
 
     kind, _, ref = kind.partition("@")
     cwd = trees[ref] if ref else ROOT
-    port = free_port()
-    env = {**os.environ, "RESNET_MODEL_PATH": str(model), "RESNET_HOST": "127.0.0.1", "RESNET_PORT": str(port),
-           "RESNET_LOG_LEVEL": "warning", "RESNET_MAX_UPLOAD_BYTES": str(50 * 2**20), "NAIVE_MODEL": str(model),
+    env = {"RESNET_MODEL_PATH": str(model), "RESNET_LOG_LEVEL": "warning", "RESNET_MAX_UPLOAD_BYTES": str(50 * 2**20),
            # room for 64 clients x 32 images: the naive app queues without limit, so 429s would not compare
-           "RESNET_MAX_QUEUE": "4096", "RESNET_DEVICE": device, "NAIVE_DEVICE": device}
+           "RESNET_MAX_QUEUE": "4096", "RESNET_DEVICE": device}
     if kind == "naive_app":
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", "bench.naive_app:create", "--host", "127.0.0.1",
+        port = free_port()
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", "bench.naive_app:create", "--host", HOST,
                "--port", str(port), "--log-level", "warning", "--no-access-log"]
+        server = Server(cmd, log, port=port, cwd=cwd, env={"NAIVE_MODEL": str(model), "NAIVE_DEVICE": device})
     else:
-        cmd = [sys.executable, "-m", "service"]
-        env.update(VARIANTS.get(kind, {}))
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(proc, url, log, 180)
-    return Server(proc, url)
-
-
-def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
-    """Until ``url`` answers ready; raise with the log's tail if the server exits or takes too long.
-    (With several workers the service accepts connections only once each has its model loaded.)"""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {log.read_text()[-1500:]}")
-        try:
-            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server not ready within {timeout:.0f} s: {log.read_text()[-1500:]}")
+        server = start_service({**env, **VARIANTS.get(kind, {})}, log, cwd=cwd)
+    try:
+        return server.wait_ready(180)
+    except ServerFailed:
+        server.stop()
+        raise
 
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
@@ -309,34 +273,59 @@ def median_cells(runs: list[dict]) -> dict:
     return out
 
 
-def targets(cells: dict, alone: dict) -> list[tuple[str, float, str, bool]]:
-    r20 = cells.get("resnet20", {})
-    if not {"batching_on", "batching_off", "naive_app"} <= set(r20) or set(PAYLOADS) - set(r20["batching_on"]):
-        return []  # the targets are stated for resnet20, all payloads, all three servers
-    on, off, naive = r20["batching_on"], r20["batching_off"], r20["naive_app"]
+def target(name: str, value: float, goal: float, higher_is_better: bool = True) -> tuple[str, float, str, bool]:
+    sign = ">=" if higher_is_better else "<="
+    return name, value, f"{sign} {goal:g}", value >= goal if higher_is_better else value <= goal
+
+
+def targets(cells: dict, alone: dict, open_cells: dict | None = None) -> list[tuple[str, float, str, bool]]:
+    """(name, measured, goal, met) for each target whose cells this run measured."""
     rows = []
+    r20 = cells.get("resnet20", {})
+    # the resnet20 targets are stated for all payloads and all three servers
+    if {"batching_on", "batching_off", "naive_app"} <= set(r20) and not set(PAYLOADS) - set(r20["batching_on"]):
+        on, off, naive = r20["batching_on"], r20["batching_off"], r20["naive_app"]
+        if 32 in on["png32"]:
+            rows += [
+                target("c=32 PNG req/s, on / off", on["png32"][32]["req_s"] / off["png32"][32]["req_s"], 2.0),
+                target("c=32 PNG req/s, on / naive app", on["png32"][32]["req_s"] / naive["png32"][32]["req_s"], 2.0),
+                target("c=32 PNG p99, on / off", on["png32"][32]["p99_ms"] / off["png32"][32]["p99_ms"], 0.5, False),
+                target("c=32 PNG p99, on / naive app", on["png32"][32]["p99_ms"] / naive["png32"][32]["p99_ms"], 0.5,
+                       False)]
+        if 1 in on["png32"]:
+            rows += [
+                target("c=1 PNG p50, on / off", on["png32"][1]["p50_ms"] / off["png32"][1]["p50_ms"], 1.3, False),
+                target("c=1 PNG p50, on / naive app", on["png32"][1]["p50_ms"] / naive["png32"][1]["p50_ms"], 1.3,
+                       False)]
+        if 8 in on["jpeg12mp"]:
+            rows += [
+                target("c=8 12MP JPEG req/s, on / off", on["jpeg12mp"][8]["req_s"] / off["jpeg12mp"][8]["req_s"], 3.0),
+                target("c=8 12MP JPEG req/s, on / naive app",
+                       on["jpeg12mp"][8]["req_s"] / naive["jpeg12mp"][8]["req_s"], 3.0)]
+        best_mp = max(v["req_s"] * 32 for v in on["multipart32"].values())
+        rows.append(target("multipart32 img/s, on / ORT best batch", best_mp / alone["resnet20"]["best_img_s"], 0.7))
+    zero = cells.get("zero", {})
+    if {"batching_on", "naive_app"} <= set(zero) and "png32" in zero["batching_on"]:  # issue 14: the path's ceiling
+        on, naive = zero["batching_on"]["png32"], zero["naive_app"].get("png32", {})
+        if 64 in on and 64 in naive:
+            rows.append(target("zero-cost c=64 PNG req/s, on / naive app", on[64]["req_s"] / naive[64]["req_s"], 3.0))
+        if 1 in on and 1 in naive:
+            rows.append(target("zero-cost c=1 PNG p50, on / naive app", on[1]["p50_ms"] / naive[1]["p50_ms"], 1.0,
+                               False))
+    overload = (open_cells or {}).get("resnet20", {}).get("batching_on", {}).get("png32", {}).get("2x")
+    if overload:  # issue 14: at twice the capacity, no collapse, and the accepted answered within the deadline
+        from service.settings import Settings
 
-    def add(name: str, value: float, goal: float, higher_is_better: bool = True) -> None:
-        sign = ">=" if higher_is_better else "<="
-        rows.append((name, value, f"{sign} {goal}", value >= goal if higher_is_better else value <= goal))
-
-    if 32 in on["png32"]:
-        add("c=32 PNG req/s, on / off", on["png32"][32]["req_s"] / off["png32"][32]["req_s"], 2.0)
-        add("c=32 PNG req/s, on / naive app", on["png32"][32]["req_s"] / naive["png32"][32]["req_s"], 2.0)
-        add("c=32 PNG p99, on / off", on["png32"][32]["p99_ms"] / off["png32"][32]["p99_ms"], 0.5, False)
-        add("c=32 PNG p99, on / naive app", on["png32"][32]["p99_ms"] / naive["png32"][32]["p99_ms"], 0.5, False)
-    if 1 in on["png32"]:
-        add("c=1 PNG p50, on / off", on["png32"][1]["p50_ms"] / off["png32"][1]["p50_ms"], 1.3, False)
-        add("c=1 PNG p50, on / naive app", on["png32"][1]["p50_ms"] / naive["png32"][1]["p50_ms"], 1.3, False)
-    if 8 in on["jpeg12mp"]:
-        add("c=8 12MP JPEG req/s, on / off", on["jpeg12mp"][8]["req_s"] / off["jpeg12mp"][8]["req_s"], 3.0)
-        add("c=8 12MP JPEG req/s, on / naive app", on["jpeg12mp"][8]["req_s"] / naive["jpeg12mp"][8]["req_s"], 3.0)
-    best_mp = max(v["req_s"] * 32 for v in on["multipart32"].values())
-    add("multipart32 img/s, on / ORT best batch", best_mp / alone["resnet20"]["best_img_s"], 0.7)
+        deadline_ms = Settings.model_fields["request_timeout_ms"].default
+        rows += [target("open loop 2x capacity, PNG goodput / capacity",
+                        overload["goodput_req_s"] / overload["capacity_req_s"], 0.9),
+                 target("open loop 2x capacity, 5xx", overload["status_5xx"], 0, False),
+                 target("open loop 2x capacity, accepted p99 ms / deadline ms", overload["p99_ms"] / deadline_ms, 1.0,
+                        False)]
     return rows
 
 
-def markdown(cells: dict, alone: dict, rows: list, meta: dict) -> str:
+def markdown(cells: dict, alone: dict, rows: list, meta: dict, open_cells: dict | None = None) -> str:
     lines = [f"Measured {meta['date']} on {meta['machine']}; {meta['repeats']} repeat(s), {meta['seconds']} s per "
              f"cell, medians. Load: wrk, 1 thread, on 127.0.0.1.", ""]
     for model, a in alone.items():
@@ -360,7 +349,12 @@ def markdown(cells: dict, alone: dict, rows: list, meta: dict) -> str:
                     bad = f" **{x['non_2xx']:.0f} non-2xx**" if x["non_2xx"] else ""
                     row += f" {x['req_s']:.0f}{img} {x['p50_ms']:.1f}/{x['p99_ms']:.1f}{bad} |"
                 lines.append(row)
+    if "zero" in cells:
+        lines.append("- zero: the zero-cost model (bench/zero_cost.py, microseconds a batch): its rows are what the "
+                     "serving path itself allows, the model taken out")
     for model, servers in cells.items():  # the service end to end against the model by itself
+        if model == "zero":
+            continue  # a model that costs nothing is no ceiling to compare with
         raw = max(max(per_batch.values()) for per_batch in alone[model]["modes"].values())
         for payload in PAYLOADS:
             ours = [(x["img_s"], s, c) for s, srv in servers.items() if s != "naive_app"
@@ -369,6 +363,20 @@ def markdown(cells: dict, alone: dict, rows: list, meta: dict) -> str:
                 best = max(ours)
                 lines.append(f"- {model} {payload}: service best {best[0]:.0f} img/s ({best[1]}, c={best[2]}) = "
                              f"{best[0] / raw:.2f} of onnxruntime alone's best {raw:.0f} img/s")
+    if open_cells:
+        lines += ["", "Open loop (h2load, one request a connection, constant arrival rate; capacity: the server's best "
+                  "closed-loop req/s above):", "",
+                  "| model | server | payload | rate | offered req/s | capacity req/s | goodput 2xx/s (of capacity) | "
+                  "429 | 5xx | errors | 2xx p50/p99 ms | h2load cores |", "|---" * 12 + "|"]
+        for model, servers in open_cells.items():
+            for server, per_payload in servers.items():
+                for payload, per_rate in per_payload.items():
+                    for rate, x in per_rate.items():
+                        share = x["goodput_req_s"] / x["capacity_req_s"] if x["capacity_req_s"] else float("nan")
+                        lines.append(f"| {model} | {server} | {payload} | {rate} | {x['offered_req_s']:.0f} | "
+                                     f"{x['capacity_req_s']:.0f} | {x['goodput_req_s']:.0f} ({share:.2f}) | "
+                                     f"{x['status_429']:.0f} | {x['status_5xx']:.0f} | {x['errors']:.0f} | "
+                                     f"{x['p50_ms']:.1f}/{x['p99_ms']:.1f} | {x['client_cores']:.2f} |")
     if rows:
         lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
         lines += [f"| {name} | {value:.2f} | {goal} | {'yes' if ok else 'no'} |" for name, value, goal, ok in rows]
@@ -428,10 +436,14 @@ def machine(device: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="resnet20 only, c=1 and 32, 1 repeat, 2 s cells")
+    parser.add_argument("--quick", action="store_true", help="resnet20 and zero, c=1, 8 and 32, 1 repeat, 2 s cells")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=4, help="wrk duration per cell")
-    parser.add_argument("--models", default="resnet20,resnet50")
+    parser.add_argument("--models", default="resnet20,zero,resnet50", help="of resnet20, zero, resnet50, resnet50-fp16")
+    parser.add_argument("--open-loop", metavar="RATES", type=open_loop.parse_rates,
+                        help="after each server's closed-loop cells, a constant arrival rate of --open-loop-payload: "
+                        "e.g. 2x (of that server's best measured req/s), 1500 (req/s), or a list: 1x,2x")
+    parser.add_argument("--open-loop-payload", default="png32", choices=PAYLOADS)
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"of {SERVERS + tuple(VARIANTS)}")
     parser.add_argument("--payloads", default=",".join(PAYLOADS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -445,6 +457,10 @@ def main(argv: list[str] | None = None) -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed for the load: apt-get install wrk (Debian/Ubuntu) or brew install wrk")
     concurrency, payloads = tuple(int(c) for c in args.concurrency.split(",")), args.payloads.split(",")
+    if any(r.factor for r in args.open_loop or ()) and args.open_loop_payload not in payloads:
+        parser.error(f"--open-loop rates relative to capacity need {args.open_loop_payload} among --payloads")
+    if args.open_loop and shutil.which("h2load") is None:
+        raise SystemExit("--open-loop needs h2load: apt-get install nghttp2-client")
     models, servers = args.models.split(","), args.servers.split(",")
     trees = {}
     if args.against:
@@ -455,10 +471,12 @@ def main(argv: list[str] | None = None) -> None:
                        check=True)
         servers = [x for s in servers for x in ([s] if s == "naive_app" else [s, f"{s}@{args.against}"])]
     if args.quick:
-        args.repeats, args.seconds, models, concurrency = 1, 2, ["resnet20"], (1, 8, 32)
+        args.repeats, args.seconds, models, concurrency = 1, 2, ["resnet20", "zero"], (1, 8, 32)
     args.out.mkdir(parents=True, exist_ok=True)
     inputs = write_payloads(args.out / "payloads")
     model_files = {"resnet20": ROOT / "models" / "default.onnx"}
+    if "zero" in models:
+        model_files["zero"] = zero_cost_model(model_files["resnet20"], args.out / "zero-cost.onnx")
     if {"resnet50", "resnet50-fp16"} & set(models):
         model_files["resnet50"] = random_resnet50(args.out / "resnet50-random.onnx")
     if "resnet50-fp16" in models:
@@ -470,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
     alone_runs: dict[str, list[dict]] = {m: [] for m in models}
     runs = []
     for repeat in range(args.repeats):
-        cells = {}
+        cells, open_cells = {}, {}
         for m in models:
             # onnxruntime alone in every repeat too: the ratios to it then see the same machine load.
             a = ort_alone(model_files[m], 7.0 if not args.quick else 3.5, args.device, batches)
@@ -492,24 +510,43 @@ def main(argv: list[str] | None = None) -> None:
                             print(f"[{repeat + 1}/{args.repeats}] {m:8s} {server:12s} {payload:11s} c={c:<3d} "
                                   f"{cell['req_s']:8.1f} req/s  p50 {cell['p50_ms']:8.2f} ms  p99 "
                                   f"{cell['p99_ms']:8.2f} ms  non2xx {cell['non_2xx']}", flush=True)
+                    for rate in args.open_loop or ():
+                        payload = args.open_loop_payload
+                        body, ctype, _ = inputs[payload]
+                        measured = [cells[(m, server, payload, c)]["req_s"] for c in concurrency
+                                    if (m, server, payload, c) in cells]
+                        capacity = max(measured) if measured else None
+                        cell = open_loop.run(srv.url + "/predict", body, ctype, rate.resolve(capacity),
+                                             args.seconds, args.out / "h2load.log")
+                        cell["capacity_req_s"] = capacity if capacity is not None else float("nan")
+                        open_cells[(m, server, payload, rate.text)] = cell
+                        print(f"[{repeat + 1}/{args.repeats}] {m:8s} {server:12s} {payload:11s} open {rate.text:>5s} "
+                              f"{cell['offered_req_s']:7.0f} offered -> {cell['goodput_req_s']:7.1f} 2xx/s  429 "
+                              f"{cell['status_429']}  5xx {cell['status_5xx']}  errors {cell['errors']}  p50/p99 "
+                              f"{cell['p50_ms']:.1f}/{cell['p99_ms']:.1f} ms  h2load {cell['client_cores']:.2f} cores",
+                              flush=True)
                 finally:
                     srv.stop()
-        runs.append({"cells": cells})
+        runs.append({"cells": cells, "open_loop": open_cells})
 
     for tree in trees.values():  # the checkout of --against REF is only for this run
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
     medians = median_cells(runs)
+    open_medians = median_cells([{"cells": r["open_loop"]} for r in runs])  # keyed by rate where cells have c
     alone = {m: median_alone(a) for m, a in alone_runs.items()}
-    rows = targets(medians, alone) if args.device == "cpu" else []  # the targets are this machine's CPU
+    rows = targets(medians, alone, open_medians) if args.device == "cpu" else []  # the targets are this machine's CPU
     meta = {"date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "seconds": args.seconds, "device": args.device,
             "machine": machine(args.device),
             "command": "python -m bench.run " + " ".join(argv or sys.argv[1:])}
     serialisable = [{"cells": [{"model": k[0], "server": k[1], "payload": k[2], "c": k[3], **v}
-                               for k, v in r["cells"].items()]} for r in runs]
+                               for k, v in r["cells"].items()],
+                     "open_loop": [{"model": k[0], "server": k[1], "payload": k[2], "rate": k[3], **v}
+                                   for k, v in r["open_loop"].items()]} for r in runs]
     (args.out / "results.json").write_text(json.dumps(
         {"meta": meta, "onnxruntime_alone": alone, "runs": serialisable, "medians": medians,
+         "open_loop_medians": open_medians,
          "targets": [{"name": n, "value": v, "goal": g, "met": ok} for n, v, g, ok in rows]}, indent=1))
-    md = markdown(medians, alone, rows, meta)
+    md = markdown(medians, alone, rows, meta, open_medians)
     (args.out / "results.md").write_text(md)
     plot(medians, args.out / "results.png")
     print(md)

