@@ -87,7 +87,8 @@ class Server:
             raise
 
     def log_tail(self, chars: int = 2000) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         with open(self.log_path, "rb") as f:
             f.seek(self._log_start)
             return f.read().decode(errors="replace")[-chars:]

@@ -137,6 +137,6 @@ class Supervisor:
                 proc.kill()
                 proc.join()
                 status = 1
-            elif proc.exitcode:
+            elif proc.exitcode not in (0, -signal.SIGTERM):  # -SIGTERM: ours, before it could install its handler
                 status = 1
         return status

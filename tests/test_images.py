@@ -17,7 +17,7 @@ SERVICE_TEST_MODULES = (
     "bench.harness", "tests.conftest", "tests.images", "tests.hostile", "tests.test_access_and_reload",
     "tests.test_api_schema", "tests.test_batching", "tests.test_bombs", "tests.test_disconnects", "tests.test_fuzz",
     "tests.test_harness", "tests.test_server_process", "tests.test_service", "tests.test_v2", "tests.test_bench",
-    "tests.test_contract",
+    "tests.test_boundaries",
 )
 
 

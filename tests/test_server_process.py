@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
@@ -111,3 +114,94 @@ def test_workers_accept_connections_only_once_their_model_is_ready(tmp_path):
         assert set(after) == {200}, f"{after.count(503)} of {len(after)} answers after the first ready were 503"
     finally:
         server.stop()
+
+
+def worker_pids(supervisor_pid: int) -> set[int]:
+    """The supervisor's worker processes (spawned interpreters; the resource tracker excluded)."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == supervisor_pid and b"spawn_main" in cmdline:
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+def two_workers(supervisor_pid: int) -> set[int] | None:
+    pids = worker_pids(supervisor_pid)
+    return pids if len(pids) == 2 else None
+
+
+def wait_for(check, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.1)
+    return check()
+
+
+def predict_fresh(url: str, png: bytes) -> httpx.Response:
+    """One request on a new connection, so the kernel may hand it to any worker."""
+    with httpx.Client(timeout=30) as c:
+        return c.post(url + "/predict", content=png, headers={"content-type": "image/png"})
+
+
+def test_worker_killed_is_replaced_while_the_others_keep_serving(tmp_path):
+    server = start_service({"RESNET_WORKERS": "2", "RESNET_INTRA_OP_THREADS": "1"}, tmp_path / "server.log")
+    png = encode(one_per_class()[3][0], "PNG")
+    try:
+        server.wait_ready()
+        workers = wait_for(lambda: two_workers(server.proc.pid))
+        assert workers and len(workers) == 2, server.log_tail()
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)  # as the OOM killer does
+        answers = []
+        for _ in range(20):  # while it is gone: no request hangs, the survivor answers
+            started = time.monotonic()
+            try:
+                answers.append(predict_fresh(server.url, png).status_code)
+            except httpx.TransportError as e:
+                answers.append(type(e).__name__)
+            assert time.monotonic() - started < 10, answers
+        assert answers.count(200) >= 10, answers
+        replaced = wait_for(lambda: (p := two_workers(server.proc.pid)) and victim not in p and p)
+        assert replaced and victim not in replaced, server.log_tail()
+        assert "exited with -9" in server.log_tail(20_000), server.log_tail()
+        wait_for(lambda: all(predict_fresh(server.url, png).status_code == 200 for _ in range(10)), 30)
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+        served = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith('http_requests_total{method="POST",route="/predict",status="200"}'))
+        assert served >= 10, metrics[:2000]  # one exposition counts every worker's requests
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_tail()
+
+
+def test_sighup_reloads_every_worker(tmp_path, default_model):
+    from bench.zero_cost import zero_cost_model
+
+    served = tmp_path / "served.onnx"
+    shutil.copy(default_model, served)
+    server = start_service({"RESNET_WORKERS": "2", "RESNET_INTRA_OP_THREADS": "1", "RESNET_MODEL_PATH": str(served)},
+                           tmp_path / "server.log")
+    png = encode(one_per_class()[3][0], "PNG")
+    try:
+        server.wait_ready()
+        old = {predict_fresh(server.url, png).headers["x-model-version"] for _ in range(10)}
+        assert len(old) == 1, old
+        zero_cost_model(default_model, tmp_path / "zero.onnx")
+        os.replace(tmp_path / "zero.onnx", served)
+        os.kill(server.proc.pid, signal.SIGHUP)
+        def new_versions() -> set[str] | None:
+            versions = {predict_fresh(server.url, png).headers["x-model-version"] for _ in range(16)}
+            return None if versions & old else versions
+
+        versions = wait_for(new_versions, 60)
+        assert versions and not versions & old, (old, versions, server.log_tail())
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_tail()
