@@ -40,6 +40,7 @@ LUA = ROOT / "bench" / "post.lua"
 CONCURRENCY = (1, 8, 32, 64)
 PAYLOADS = ("png32", "jpeg640", "jpeg12mp", "multipart32")
 SERVERS = ("naive_app", "batching_off", "batching_on")
+PEERS_DIR = ROOT.parent / "shared" / "peers"  # TorchServe, set up as its docs recommend for batching
 # Extra variants for choosing defaults (--servers): 2 uvicorn workers with 1 onnxruntime thread each.
 VARIANTS = {"batching_off": {"RESNET_MAX_BATCH_SIZE": "1"},
             "batching_on_w2": {"RESNET_WORKERS": "2", "RESNET_INTRA_OP_THREADS": "1", "RESNET_DECODE_THREADS": "1"},
@@ -201,12 +202,54 @@ def median_alone(runs: list[dict]) -> dict:
 # --- servers and load ---------------------------------------------------------------------------
 
 
+class TorchServe:
+    """TorchServe 0.12 with dynamic batching (``shared/peers/torchserve.sh``): a peer measured side by side."""
+
+    def __init__(self, model: Path, log: Path) -> None:
+        self.script = PEERS_DIR / "torchserve.sh"
+        if not self.script.exists():
+            raise ServerFailed(f"no TorchServe peer script at {self.script}")
+        port = free_port()
+        with open(log, "ab") as out:
+            done = subprocess.run([str(self.script), "start", str(model), str(port)], stdout=subprocess.PIPE,
+                                  stderr=out, text=True, timeout=900)
+        if done.returncode != 0:
+            raise ServerFailed(f"torchserve.sh start failed ({done.returncode}); see {log}")
+        self.predict_url = done.stdout.strip().splitlines()[-1]
+        self.url = self.predict_url.rsplit("/predictions/", 1)[0]
+        found = subprocess.run(["pgrep", "-f", "org.pytorch.serve.ModelServer"], capture_output=True, text=True)
+        self.pid = int(found.stdout.split()[0]) if found.stdout.split() else None
+
+    def stop(self) -> int:
+        return subprocess.run([str(self.script), "stop"], capture_output=True, timeout=120).returncode
+
+
+def tree_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of ``pid`` and every process below it (workers, TorchServe's Python backend)."""
+    if pid is None:
+        return float("nan")
+    table: dict[int, tuple[int, int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    total, frontier = 0, {pid}
+    while frontier:
+        total += sum(table[p][1] for p in frontier if p in table)
+        frontier = {q for q, (parent, _) in table.items() if parent in frontier}
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(kind: str, model: Path, log: Path, device: str = "cpu",
                  trees: dict[str, Path] | None = None) -> Server:
     """kind: naive_app, batching_on, a VARIANTS key, or any of those as ``kind@REF`` to run the code of git
     revision REF (checked out in ``trees[REF]``) side by side with the working tree's."""
 
     kind, _, ref = kind.partition("@")
+    if kind == "torchserve":
+        return TorchServe(model, log)
     cwd = trees[ref] if ref else ROOT
     env = {"RESNET_MODEL_PATH": str(model), "RESNET_LOG_LEVEL": "warning", "RESNET_MAX_UPLOAD_BYTES": str(50 * 2**20),
            # room for 64 clients x 32 images: the naive app queues without limit, so 429s would not compare
@@ -219,10 +262,12 @@ def start_server(kind: str, model: Path, log: Path, device: str = "cpu",
     else:
         server = start_service({**env, **VARIANTS.get(kind, {})}, log, cwd=cwd)
     try:
-        return server.wait_ready(180)
+        server.wait_ready(180)
     except ServerFailed:
         server.stop()
         raise
+    server.predict_url, server.pid = server.url + "/predict", server.proc.pid
+    return server
 
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
@@ -237,7 +282,7 @@ def parse_ms(text: str) -> float:
 
 def wrk(url: str, body: Path, ctype: str, concurrency: int, seconds: float) -> dict:
     cmd = ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
-           "--latency", "-s", str(LUA), url + "/predict", "--", str(body), ctype]
+           "--latency", "-s", str(LUA), url, "--", str(body), ctype]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     out = proc.stdout
     if "requests in" not in out:
@@ -282,28 +327,27 @@ def targets(cells: dict, alone: dict, open_cells: dict | None = None) -> list[tu
     """(name, measured, goal, met) for each target whose cells this run measured."""
     rows = []
     r20 = cells.get("resnet20", {})
-    # the resnet20 targets are stated for all payloads and all three servers
-    if {"batching_on", "batching_off", "naive_app"} <= set(r20) and not set(PAYLOADS) - set(r20["batching_on"]):
-        on, off, naive = r20["batching_on"], r20["batching_off"], r20["naive_app"]
-        if 32 in on["png32"]:
-            rows += [
-                target("c=32 PNG req/s, on / off", on["png32"][32]["req_s"] / off["png32"][32]["req_s"], 2.0),
-                target("c=32 PNG req/s, on / naive app", on["png32"][32]["req_s"] / naive["png32"][32]["req_s"], 2.0),
-                target("c=32 PNG p99, on / off", on["png32"][32]["p99_ms"] / off["png32"][32]["p99_ms"], 0.5, False),
-                target("c=32 PNG p99, on / naive app", on["png32"][32]["p99_ms"] / naive["png32"][32]["p99_ms"], 0.5,
-                       False)]
-        if 1 in on["png32"]:
-            rows += [
-                target("c=1 PNG p50, on / off", on["png32"][1]["p50_ms"] / off["png32"][1]["p50_ms"], 1.3, False),
-                target("c=1 PNG p50, on / naive app", on["png32"][1]["p50_ms"] / naive["png32"][1]["p50_ms"], 1.3,
-                       False)]
-        if 8 in on["jpeg12mp"]:
-            rows += [
-                target("c=8 12MP JPEG req/s, on / off", on["jpeg12mp"][8]["req_s"] / off["jpeg12mp"][8]["req_s"], 3.0),
-                target("c=8 12MP JPEG req/s, on / naive app",
-                       on["jpeg12mp"][8]["req_s"] / naive["jpeg12mp"][8]["req_s"], 3.0)]
-        best_mp = max(v["req_s"] * 32 for v in on["multipart32"].values())
-        rows.append(target("multipart32 img/s, on / ORT best batch", best_mp / alone["resnet20"]["best_img_s"], 0.7))
+    # issue 14's targets, for the service with its defaults (batching_on) against the peers on the same model
+    if {"batching_on", "naive_app"} <= set(r20):
+        on, naive, ts = r20["batching_on"], r20["naive_app"], r20.get("torchserve", {})
+        png, npng = on.get("png32", {}), naive.get("png32", {})
+        if 32 in png and 32 in npng:
+            rows += [target("c=32 PNG req/s, on / naive app", png[32]["req_s"] / npng[32]["req_s"], 2.0),
+                     target("c=32 PNG p99, on / naive app", png[32]["p99_ms"] / npng[32]["p99_ms"], 0.5, False)]
+        for c in (32, 64):
+            if c in png and c in ts.get("png32", {}):
+                rows.append(target(f"c={c} PNG req/s, on / TorchServe", png[c]["req_s"] / ts["png32"][c]["req_s"], 1.2))
+        pairs = [(on[p][c]["req_s"] / naive[p][c]["req_s"], p, c) for p in on for c in on[p]
+                 if c in naive.get(p, {})]
+        if pairs:
+            worst, p, c = min(pairs)
+            rows.append(target(f"every cell req/s, on / naive app (lowest: {p} c={c})", worst, 1.0))
+        if 1 in png and 1 in npng:
+            rows.append(target("c=1 PNG p50, on / naive app", png[1]["p50_ms"] / npng[1]["p50_ms"], 1.1, False))
+        if on.get("multipart32") and "resnet20" in alone:
+            best_mp = max(v["img_s"] for v in on["multipart32"].values())
+            rows.append(target("multipart32 img/s, on / ORT best batch", best_mp / alone["resnet20"]["best_img_s"],
+                               0.8))
     zero = cells.get("zero", {})
     if {"batching_on", "naive_app"} <= set(zero) and "png32" in zero["batching_on"]:  # issue 14: the path's ceiling
         on, naive = zero["batching_on"]["png32"], zero["naive_app"].get("png32", {})
@@ -502,21 +546,27 @@ def main(argv: list[str] | None = None) -> None:
                 srv = start_server(server, model_files[m], log, args.device, trees)
                 try:
                     for payload in payloads:
+                        if server == "torchserve" and payload == "multipart32":
+                            continue  # its handler takes one raw image a request
                         body, ctype, n = inputs[payload]
                         for c in concurrency:
-                            cell = wrk(srv.url, body, ctype, c, args.seconds * HEAVY.get(payload, 1))
+                            cpu = tree_cpu_s(srv.pid)
+                            cell = wrk(srv.predict_url, body, ctype, c, args.seconds * HEAVY.get(payload, 1))
+                            # Server CPU per request: a cost figure that noise on a shared machine moves little.
+                            cell["cpu_ms"] = (tree_cpu_s(srv.pid) - cpu) * 1e3 / max(cell["requests"], 1)
                             cell["img_s"] = cell["req_s"] * n
                             cells[(m, server, payload, c)] = cell
                             print(f"[{repeat + 1}/{args.repeats}] {m:8s} {server:12s} {payload:11s} c={c:<3d} "
                                   f"{cell['req_s']:8.1f} req/s  p50 {cell['p50_ms']:8.2f} ms  p99 "
-                                  f"{cell['p99_ms']:8.2f} ms  non2xx {cell['non_2xx']}", flush=True)
+                                  f"{cell['p99_ms']:8.2f} ms  cpu {cell['cpu_ms']:.3f} ms/req  non2xx "
+                                  f"{cell['non_2xx']}", flush=True)
                     for rate in args.open_loop or ():
                         payload = args.open_loop_payload
                         body, ctype, _ = inputs[payload]
                         measured = [cells[(m, server, payload, c)]["req_s"] for c in concurrency
                                     if (m, server, payload, c) in cells]
                         capacity = max(measured) if measured else None
-                        cell = open_loop.run(srv.url + "/predict", body, ctype, rate.resolve(capacity),
+                        cell = open_loop.run(srv.predict_url, body, ctype, rate.resolve(capacity),
                                              args.seconds, args.out / "h2load.log")
                         cell["capacity_req_s"] = capacity if capacity is not None else float("nan")
                         open_cells[(m, server, payload, rate.text)] = cell
