@@ -73,6 +73,29 @@ class Reservation:
             raise
 
 
+class DrainRate:
+    """Images the model gets through per second of inference, over the batches of the last ``window_s``: how fast
+    the queue drains while there is a queue (the batcher is then always busy). Admission and Retry-After use it."""
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        self.window_s = window_s
+        self._batches: deque[tuple[float, int, float]] = deque()  # (finished at, images, seconds)
+        self._images, self._seconds = 0, 0.0
+
+    def add(self, images: int, seconds: float, at: float) -> None:
+        self._batches.append((at, images, seconds))
+        self._images += images
+        self._seconds += seconds
+        while self._batches and self._batches[0][0] < at - self.window_s:
+            _, old_images, old_seconds = self._batches.popleft()
+            self._images -= old_images
+            self._seconds -= old_seconds
+
+    def per_second(self) -> float | None:
+        """None until a batch has run: no rate is known, so nothing is refused on time."""
+        return self._images / self._seconds if self._batches and self._seconds > 0 else None
+
+
 class MicroBatcher(Generic[M]):
     def __init__(
         self,
@@ -83,10 +106,13 @@ class MicroBatcher(Generic[M]):
         max_queue: int,
         on_batch: Callable[[int, float], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
+        max_wait_s: float = float("inf"),
     ) -> None:
         self.run, self.executor = run, executor
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
+        self.max_wait_s = max_wait_s
         self.on_batch, self.on_depth = on_batch, on_depth
+        self.drain = DrainRate()
         self._queue: deque[_Item] = deque()
         self._incoming = 0  # images reserved and still being decoded
         self._wakeup = asyncio.Event()
@@ -97,11 +123,20 @@ class MicroBatcher(Generic[M]):
         """Images admitted and not yet dispatched (decoding or queued)."""
         return len(self._queue) + self._incoming
 
+    def expected_wait_s(self, n: int = 0) -> float:
+        """How long the images admitted so far (and ``n`` more) should take to drain, at the measured rate."""
+        rate = self.drain.per_second()
+        return (self.depth + n) / rate if rate else 0.0
+
     def reserve(self, n: int) -> Reservation:
+        """Room for ``n`` images, or ``QueueFull`` at once: when the queue is full, or when the images already
+        admitted would take longer than ``max_wait_s`` to drain at the measured rate (an overload is refused, not
+        queued into timeouts; an empty queue always admits, however slow the model)."""
         if self._task is None:
             raise ModelNotReady()
-        if self.depth + n > self.max_queue:
-            raise QueueFull(retry_after_s=1.0)
+        if self.depth + n > self.max_queue or self.expected_wait_s() > self.max_wait_s:
+            # Retry-After: when today's queue should have drained (at least a second: HTTP's unit).
+            raise QueueFull(retry_after_s=max(1.0, self.expected_wait_s()))
         self._incoming += n
         return Reservation(self, n)
 
@@ -187,6 +222,7 @@ class MicroBatcher(Generic[M]):
                         it.future.set_exception(err)
                 continue
             infer_s = time.perf_counter() - start
+            self.drain.add(len(batch), infer_s, start + infer_s)
             if self.on_batch is not None:
                 self.on_batch(len(batch), infer_s)
             for i, it in enumerate(batch):

@@ -85,6 +85,7 @@ def lifespan(settings: Settings, load_model: Callable[[Settings], Model]):
         batcher: MicroBatcher = MicroBatcher(
             lambda model, x: model.run(x), state.infer_pool, settings.max_batch_size,
             settings.max_batch_delay_ms / 1000, settings.max_queue, metrics.observe_batch, metrics.QUEUE_DEPTH.set,
+            max_wait_s=settings.max_queue_wait_ms / 1000,
         )
         batcher.start()
         state.batcher = batcher

@@ -294,3 +294,34 @@ def test_failed_batch_fails_each_of_its_requests_with_500_then_serves(default_mo
         assert len({r.json()["error_id"] for r in failed}) == 4  # each logged under its own id
         r = post()
         assert r.status_code == 200, r.text
+
+
+def test_batcher_refuses_when_the_queue_would_drain_too_slowly():
+    """Admission by time: with a measured rate of 100 images/s, 30 queued images are 0.3 s of work."""
+
+    async def main() -> None:
+        batcher = MicroBatcher(Recorder(), ThreadPoolExecutor(1), max_batch_size=4, max_delay_s=0, max_queue=1000,
+                               max_wait_s=0.25)
+        batcher.start()
+        assert batcher.reserve(30).n == 30  # no rate measured yet: an empty queue always admits
+        batcher.drain.add(100, 1.0, time.perf_counter())  # 100 images in 1 s of inference
+        with pytest.raises(QueueFull) as err:
+            batcher.reserve(1)
+        assert err.value.retry_after_s == 1.0  # 0.3 s of queue, rounded up to HTTP's one second
+        batcher.drain.add(4000, 1.0, time.perf_counter())  # now 4100 images in 2 s: 30 queued drain in 15 ms
+        assert batcher.reserve(1).n == 1
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_drain_rate_counts_only_the_recent_window():
+    from service.batching import DrainRate
+
+    rate = DrainRate(window_s=2.0)
+    assert rate.per_second() is None
+    rate.add(10, 0.1, at=100.0)
+    rate.add(30, 0.1, at=101.0)
+    assert rate.per_second() == pytest.approx(200.0)
+    rate.add(5, 0.1, at=103.5)  # the first two fell out of the window
+    assert rate.per_second() == pytest.approx(50.0)
