@@ -1,11 +1,13 @@
 """Training: a short real run on digits, determinism, resume, folder data, DDP with gloo, and the command line a new
-user meets (help, bad images, empty classes, small folders)."""
+user meets (help, bad images, empty classes, small folders, the install target and docs/training.md)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -226,3 +228,51 @@ def test_few_steps_warning_only_below_the_minimum(images, batch_size, steps, war
 def test_few_steps_warning_asks_for_images_when_no_batch_size_helps():
     warning = few_steps_warning(TrainConfig(), 6, 1)
     assert warning is not None and "Add images" in warning
+
+
+def test_make_install_train_installs_the_train_extra(tmp_path):
+    venv = tmp_path / "venv"
+    r = subprocess.run(["make", "-n", "install-train", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"{venv}/bin/python -m pip install --quiet -e '.[cpu,train]'" in r.stdout, r.stdout
+    assert f"touch {venv}/.train {venv}/.serve" in r.stdout, r.stdout
+
+
+def doc_commands() -> list[str]:
+    """The shell lines of docs/training.md's code blocks, comments dropped."""
+    text = (ROOT / "docs" / "training.md").read_text()
+    blocks = re.findall(r"```(?:sh|bash|console)\n(.*?)```", text, re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_training_doc_installs_first_then_trains_then_exports():
+    commands = doc_commands()
+    assert commands[0] == "make install-train", commands
+    first = {kind: next(i for i, c in enumerate(commands) if f"-m model.{kind}" in c) for kind in ("train", "export")}
+    assert 0 < first["train"] < first["export"], commands
+
+
+def test_training_doc_commands_parse():
+    """Every command the page gives runs as pasted: make targets exist, flags exist and take the values shown."""
+    from model.export import parse_args as export_args
+
+    checked = 0
+    for command in doc_commands():
+        words = shlex.split(command)
+        while words and "=" in words[0] and not words[0].startswith("-"):
+            words = words[1:]  # VAR=value prefixes
+        if words[0] == "make":
+            r = subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, (command, r.stderr)
+        elif "--help" in words:
+            continue  # test_help_documents_every_flag_with_its_default_and_choices runs it
+        elif "model.train" in words:
+            parse_args(words[words.index("model.train") + 1:])
+        elif "model.export" in words:
+            export_args(words[words.index("model.export") + 1:])
+        else:
+            continue
+        checked += 1
+    assert checked >= 5, doc_commands()
