@@ -6,7 +6,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test model lint bench soak clean
+.PHONY: run test install-train model lint bench soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,13 @@ $(VENV)/.serve: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[cpu]'
 	touch $@
 
+$(VENV)/.train: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[cpu,train]'
+	touch $@ $(VENV)/.serve
+
 $(VENV)/.dev: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[cpu,train,dev]'
-	touch $@ $(VENV)/.serve
+	touch $@ $(VENV)/.serve $(VENV)/.train
 
 run: $(VENV)/.serve
 	RESNET_HOST=$(HOST) RESNET_PORT=$(PORT) $(PY) -m service
@@ -27,11 +31,14 @@ run: $(VENV)/.serve
 test: $(VENV)/.dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# What training and export need on top of the service: torch, onnx, scikit-learn (docs/training.md).
+install-train: $(VENV)/.train
+
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check contract model service bench tests
 
 # Retrain and re-export the committed default model (resnet20 on the embedded digits, ~2 min on 2 cores).
-model: $(VENV)/.dev
+model: $(VENV)/.train
 	$(PY) -m model.train --data digits --arch resnet20 --epochs 30 --seed 0 --out runs/default --export models/default.onnx
 
 # Throughput: onnxruntime alone vs the naive app vs the service (batching off/on); needs wrk.

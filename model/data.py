@@ -13,7 +13,7 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
+from model.config import TrainConfig
 from model.preprocessing import Preprocessing
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -41,6 +42,16 @@ class DataBundle:
     preprocessing: Preprocessing
     name: str
     flip: bool  # whether horizontal flips are a valid augmentation for this data
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # unreadable files left out, with the reason
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """label -> (training images, validation images)."""
+        train, val = targets(self.train), targets(self.val)
+        return {label: (train.count(i), val.count(i)) for i, label in enumerate(self.labels)}
+
+
+def targets(dataset: Dataset) -> list[int]:
+    return list(dataset.targets) if isinstance(dataset, ImageFolder) else dataset.tensors[1].tolist()
 
 
 def channel_stats(dataset: Dataset, limit: int = 5000) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -73,9 +84,6 @@ def tensor_dataset(images: list[Image.Image], labels: np.ndarray, pre: Preproces
     return TensorDataset(pixels, torch.as_tensor(labels, dtype=torch.long))
 
 
-# --- the embedded default: scikit-learn's handwritten digits ------------------------------------
-
-
 def digit_images() -> tuple[list[Image.Image], np.ndarray]:
     """The 1,797 8x8 digits shipped inside scikit-learn, as 8-bit grayscale images (white ink on black)."""
     from sklearn.datasets import load_digits
@@ -96,9 +104,6 @@ def load_digits_data(image_size: int, val_fraction: float, split_seed: int, resi
     return DataBundle(train, val, labels, with_stats(pre, train), "digits", flip=False)
 
 
-# --- the user's own images: root/<label>/*.png, optionally under root/train and root/val ---------
-
-
 class ImageFolder(Dataset):
     """Images decoded lazily, so a folder larger than memory still trains."""
 
@@ -117,16 +122,52 @@ class ImageFolder(Dataset):
 
 
 def scan_classes(root: Path) -> dict[str, list[Path]]:
+    """label -> its image files, one label per sub-folder (hidden ones aside); an empty class folder is an error,
+    since its label would silently vanish from the model."""
     classes = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        if files:
-            classes[d.name] = files
+        if not files:
+            raise DataError(f"class folder {d} holds no images ({' '.join(sorted(IMAGE_SUFFIXES))}): add images or "
+                            "remove the folder")
+        classes[d.name] = files
     return classes
 
 
+def unreadable(files: list[Path], pre: Preprocessing) -> list[tuple[Path, str]]:
+    """Every file that cannot become the network's pixels, with the reason: found before training, not an epoch in."""
+    bad = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                pre.to_array(img)  # the whole decode, as training does it: truncated files fail only here
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            bad.append((f, str(e) or type(e).__name__))
+    return bad
+
+
+def drop_unreadable(parts: dict[Path, dict[str, list[Path]]], pre: Preprocessing,
+                    skip: bool) -> list[tuple[Path, str]]:
+    """Check every image of ``parts`` (folder -> label -> files); stop with the list of unreadable ones, or drop
+    them in place when ``skip``."""
+    files = [f for classes in parts.values() for fs in classes.values() for f in fs]
+    bad = unreadable(files, pre)
+    if bad and not skip:
+        listing = "\n".join(f"  {f}: {reason}" for f, reason in bad)
+        raise DataError(f"{len(bad)} of {len(files)} images cannot be read; fix or remove them, or pass "
+                        f"--skip-bad-images to train without them:\n{listing}")
+    drop = {f for f, _ in bad}
+    for folder, classes in parts.items():
+        for label, fs in classes.items():
+            classes[label] = [f for f in fs if f not in drop]
+            if not classes[label]:
+                raise DataError(f"class folder {folder / label} holds no readable images")
+    return bad
+
+
 def load_folder_data(
-    root: Path, image_size: int, colour_mode: str, val_fraction: float, split_seed: int, resize: str, flip: bool
+    root: Path, image_size: int, colour_mode: str, val_fraction: float, split_seed: int, resize: str, flip: bool,
+    skip_bad: bool = False,
 ) -> DataBundle:
     root = Path(root)
     if not root.is_dir():
@@ -136,8 +177,13 @@ def load_folder_data(
     if (root / "train").is_dir() and (root / "val").is_dir():
         train_classes, val_classes = scan_classes(root / "train"), scan_classes(root / "val")
         labels = sorted(train_classes)
+        if not val_classes:
+            raise DataError(f"{root / 'val'} holds no class folders: put validation images in {root / 'val'}/<label>/")
         if missing := sorted(set(val_classes) - set(labels)):
             raise DataError(f"val has classes that train lacks: {missing}")
+        if len(labels) < 2:
+            raise DataError(f"{root} needs at least 2 class folders holding images ({sorted(IMAGE_SUFFIXES)})")
+        skipped = drop_unreadable({root / "train": train_classes, root / "val": val_classes}, pre, skip_bad)
         index = {c: i for i, c in enumerate(labels)}
 
         def flat(classes: dict[str, list[Path]]) -> tuple[list[Path], list[int]]:
@@ -149,20 +195,47 @@ def load_folder_data(
     else:
         classes = scan_classes(root)
         labels = sorted(classes)
+        if len(labels) < 2:
+            raise DataError(f"{root} needs at least 2 class folders holding images ({sorted(IMAGE_SUFFIXES)})")
+        skipped = drop_unreadable({root: classes}, pre, skip_bad)
         files = [f for c in labels for f in classes[c]]
         targets = np.array([i for i, c in enumerate(labels) for _ in classes[c]])
-        if len(labels) >= 2 and min(len(v) for v in classes.values()) < 2:
+        if min(len(v) for v in classes.values()) < 2:
             raise DataError("every class needs at least 2 images to be split into train and val")
-        if len(labels) >= 2:
-            train_idx, val_idx = stratified_split(targets, val_fraction, split_seed)
-            train = ImageFolder([files[i] for i in train_idx], targets[train_idx].tolist(), pre)
-            val = ImageFolder([files[i] for i in val_idx], targets[val_idx].tolist(), pre)
-    if len(labels) < 2:
-        raise DataError(f"{root} needs at least 2 class folders holding images ({sorted(IMAGE_SUFFIXES)})")
-    return DataBundle(train, val, labels, with_stats(pre, train), root.name, flip=flip)
+        train_idx, val_idx = stratified_split(targets, val_fraction, split_seed)
+        train = ImageFolder([files[i] for i in train_idx], targets[train_idx].tolist(), pre)
+        val = ImageFolder([files[i] for i in val_idx], targets[val_idx].tolist(), pre)
+    return DataBundle(train, val, labels, with_stats(pre, train), root.name, flip=flip, skipped=skipped)
 
 
-# --- CIFAR-10 from the standard python-pickle archive --------------------------------------------
+def summary(bundle: DataBundle) -> str:
+    """The classes with their image counts per split, and the images left out."""
+    counts = bundle.counts()
+    width = max(5, *(len(label) for label in counts))
+    train, val = sum(t for t, _ in counts.values()), sum(v for _, v in counts.values())
+    lines = [f"data {bundle.name}: {len(counts)} classes, {train} training and {val} validation images",
+             f"  {'class':<{width}}  train    val"]
+    lines += [f"  {label:<{width}}  {t:5d}  {v:5d}" for label, (t, v) in counts.items()]
+    if bundle.skipped:
+        lines.append(f"skipped {len(bundle.skipped)} unreadable images (--skip-bad-images):")
+        lines += [f"  {path}: {reason}" for path, reason in bundle.skipped]
+    return "\n".join(lines)
+
+
+def load_bundle(cfg: TrainConfig) -> DataBundle:
+    """The data a config names; digits are always L and CIFAR-10 always RGB, folders take --colour-mode (RGB)."""
+    if cfg.data in ("digits", "cifar10"):
+        mode = "L" if cfg.data == "digits" else "RGB"
+        if cfg.colour_mode not in (None, mode):
+            raise DataError(f"{cfg.data} images are {mode}: drop --colour-mode {cfg.colour_mode} or pass {mode}")
+    if cfg.data == "digits":
+        return load_digits_data(cfg.image_size, cfg.val_fraction, cfg.split_seed, cfg.resize)
+    if cfg.data == "cifar10":
+        return load_cifar10_data(Path(cfg.data_dir), cfg.image_size, cfg.resize, cfg.download)
+    return load_folder_data(
+        Path(cfg.data), cfg.image_size, cfg.colour_mode or "RGB", cfg.val_fraction, cfg.split_seed, cfg.resize,
+        flip=True if cfg.flip is None else cfg.flip, skip_bad=cfg.skip_bad_images,
+    )
 
 
 def download_cifar10(root: Path, url: str = CIFAR10_URL, md5: str | None = CIFAR10_MD5) -> Path:

@@ -31,9 +31,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from model import data as datasets
-from model.preprocessing import Preprocessing
-from model.resnet import ResNet
-from model.train import TrainConfig, add_config_flags, evaluate, load_bundle, resolve_device, train
+from model.config import TrainConfig, add_config_flags
+from model.engine import evaluate, resolve_device
+from model.preprocessing import normaliser
+from model.resnet import ResNet, cifar_resnet
+from model.train import train
 
 # One recipe for every net. Native 8x8 digits keep 3 seeds of resnet56 within minutes on 2 CPU cores. A 1-pixel
 # shift is the paper's 4-pixel pad-and-crop on 32x32 (Sec. 4.2) scaled to 8x8. lr 0.02 after one warm-up epoch,
@@ -74,16 +76,6 @@ def grid(depths: list[int], identity: bool, shortcut_depth: int) -> list[Net]:
             nets.append(Net(shortcut_depth))
         nets.append(Net(shortcut_depth, shortcut="B"))
     return nets
-
-
-# --- measurements -----------------------------------------------------------------------------
-
-
-def normaliser(pre: Preprocessing, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The training loop's normalisation: uint8 (N, C, H, W) on ``device`` -> float32."""
-    mean = torch.tensor(pre.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(pre.std, device=device).view(1, -1, 1, 1)
-    return lambda pixels: (pixels.float() / 255.0 - mean) / std
 
 
 @torch.no_grad()
@@ -131,9 +123,6 @@ def mean_std(values: list[float]) -> dict:
     return {"mean": float(mean), "std": float(std)}
 
 
-# --- one net, one seed --------------------------------------------------------------------------
-
-
 def run_net(net: Net, seed: int, base: TrainConfig, bundle: datasets.DataBundle, out: Path, keep: bool) -> dict:
     """Train ``net`` with the shared recipe; per epoch, measure training error on un-augmented images."""
     cfg = dataclasses.replace(
@@ -157,14 +146,11 @@ def run_net(net: Net, seed: int, base: TrainConfig, bundle: datasets.DataBundle,
             if net.residual:
                 result["branch_ratios"] = branch_ratios(model, val_loader, normalise, device)
 
-    train(cfg, on_epoch=on_epoch)
+    train(cfg, on_epoch=on_epoch, bundle=bundle)
     if not keep:
         for name in ("best.pt", "last.pt"):
             (out / name).unlink(missing_ok=True)
     return result
-
-
-# --- summaries: JSON, markdown, figures ---------------------------------------------------------
 
 
 def summarise(nets: dict) -> None:
@@ -310,9 +296,6 @@ def plot_identity(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-# --- the experiment -----------------------------------------------------------------------------
-
-
 def hardware(cfg: TrainConfig) -> str:
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -330,7 +313,8 @@ def degradation(args: argparse.Namespace, base: TrainConfig) -> Path:
     seeds = list(range(args.seeds))
     shortcut_depth = min(args.depths) if args.shortcut_depth is None else args.shortcut_depth
     nets = grid(args.depths, args.identity, shortcut_depth)
-    bundle = load_bundle(base)
+    bundle = datasets.load_bundle(base)
+    print(datasets.summary(bundle), flush=True)
     t0 = time.perf_counter()
     results: dict = {
         "command": ["python", "-m", "model.experiment", *args.argv],
@@ -378,10 +362,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig]:
         sub.set_defaults(**QUICK)
     args = parser.parse_args(argv)
     args.argv = argv
-    if len(set(args.depths)) < 2 or any(d < 8 or (d - 2) % 6 for d in args.depths):
+    if len(set(args.depths)) < 2:
         parser.error(f"--depths needs at least two distinct depths 6n+2 (20, 32, 44, 56, 110), got {args.depths}")
-    if args.shortcut_depth and (args.shortcut_depth < 8 or (args.shortcut_depth - 2) % 6):
-        parser.error(f"--shortcut-depth must be 0 or a depth 6n+2, got {args.shortcut_depth}")
+    checks = [*(("--depths must hold depths 6n+2", d) for d in args.depths),
+              *([("--shortcut-depth must be 0 or a depth 6n+2", args.shortcut_depth)] if args.shortcut_depth else [])]
+    for rule, depth in checks:
+        try:
+            cifar_resnet(depth)  # the architecture's own depth check, before hours of training
+        except ValueError as e:
+            parser.error(f"{rule}: {e}")
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
     args.depths = sorted(set(args.depths))

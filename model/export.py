@@ -1,25 +1,35 @@
 """Export a training checkpoint to one self-describing ONNX file: the only contract with the service.
 
     python -m model.export runs/digits/best.pt --out models/default.onnx
+    python -m model.export runs/digits/best.pt --out models/default.onnx --data path/to/some/images
 
-The file has input ``input`` (float32, N x C x H x W, N dynamic), outputs ``logits`` and
-``probabilities`` (N x classes), and ``metadata_props`` (every value JSON-encoded) that tell the
+Export needs only the checkpoint: it checks onnxruntime against torch on the validation images the checkpoint
+carries, or on images from ``--data``. The file has input ``input`` (float32, N x C x H x W, N dynamic), outputs
+``logits`` and ``probabilities`` (N x classes), and ``metadata_props`` (every value JSON-encoded) that tell the
 service everything else: labels, preprocessing, arch and measured metrics.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime as dt
 import json
+import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
+from PIL import Image
 from torch import nn
 
-from contract import CONTRACT_VERSION, INPUT_NAME, OUTPUT_NAMES, PROBABILITIES, encode_metadata
+from contract import CONTRACT_VERSION, INPUT_NAME, OUTPUT_NAMES, PROBABILITIES, ContractError, encode_metadata
+from model.checkpoint import PARITY_IMAGES, CheckpointError, config_of, load_checkpoint, parity_pixels
+from model.data import IMAGE_SUFFIXES, DataError, load_bundle, unreadable
 from model.preprocessing import Preprocessing
 
 PARITY_TOLERANCE = 1e-5  # max |p_onnx - p_torch| over a batch of real validation images
@@ -42,39 +52,50 @@ class WithProbabilities(nn.Module):
         return logits, torch.softmax(logits.float(), dim=1)
 
 
-def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
-    from model.train import TrainConfig, build_model
+def folder_pixels(folder: Path, pre: Preprocessing, n: int = PARITY_IMAGES) -> torch.Tensor:
+    """Up to ``n`` images spread over ``folder`` (and so over its class sub-folders) as uint8 (n, C, H, W)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportError(f"--data {folder} is not a folder")
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ExportError(f"--data {folder} holds no images ({' '.join(sorted(IMAGE_SUFFIXES))})")
+    picked = files[:: max(1, len(files) // n)][:n]
+    if bad := unreadable(picked, pre):
+        raise ExportError(f"--data {folder}: {len(bad)} images cannot be read, the first {bad[0][0]}: {bad[0][1]}")
+    pixels = []
+    for f in picked:
+        with Image.open(f) as img:
+            pixels.append(pre.to_uint8(img))
+    return torch.stack(pixels)
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = TrainConfig(**ckpt["config"])
-    net = build_model(cfg, ckpt["num_classes"], ckpt["in_channels"])
-    net.load_state_dict(ckpt["model"])
-    return net.eval(), ckpt
 
-
-def validation_batch(ckpt: dict, n: int = 64) -> torch.Tensor:
-    """Real validation images, preprocessed as at serving time: (n, C, H, W) float32."""
-    from model.train import TrainConfig, load_bundle
-
-    cfg = TrainConfig(**ckpt["config"])
-    bundle = load_bundle(cfg)
-    pre = Preprocessing(**{**ckpt["preprocessing"], "input_size": tuple(ckpt["preprocessing"]["input_size"])})
-    pixels = torch.stack([bundle.val[i][0] for i in range(min(n, len(bundle.val)))])
-    return pre.normalise(pixels)
+def validation_batch(ckpt: dict, data: Path | None = None) -> torch.Tensor:
+    """Images preprocessed as at serving time, (n, C, H, W) float32: from ``data`` when given, else the validation
+    images the checkpoint carries, else (checkpoints written before they carried any) from its training data."""
+    pre = Preprocessing.from_metadata(ckpt["preprocessing"])
+    if data is not None:
+        return pre.normalise(folder_pixels(data, pre))
+    if "parity_images" in ckpt:
+        return pre.normalise(ckpt["parity_images"])
+    cfg = dataclasses.replace(config_of(ckpt), colour_mode=pre.colour_mode)
+    try:
+        bundle = load_bundle(cfg)
+    except DataError as e:
+        raise ExportError(f"the checkpoint carries no validation images and its training data cannot be read "
+                          f"({str(e).splitlines()[0]}); pass --data FOLDER with a few images of the kind the model "
+                          "classifies") from e
+    return pre.normalise(parity_pixels(bundle))
 
 
 def metadata(ckpt: dict, name: str) -> dict[str, object]:
-    pre = ckpt["preprocessing"]
+    pre = Preprocessing.from_metadata(ckpt["preprocessing"])  # the contract's checks, before anything is written
     cfg = ckpt["config"]
     return {
         "contract_version": CONTRACT_VERSION,
         "name": name,
         "labels": ckpt["labels"],
-        "input_size": pre["input_size"],
-        "colour_mode": pre["colour_mode"],
-        "mean": pre["mean"],
-        "std": pre["std"],
-        "resize": pre["resize"],
+        **pre.to_metadata(),
         "arch": cfg["arch"],
         "shortcut": cfg["shortcut"],
         "residual": not cfg["plain"],
@@ -84,6 +105,24 @@ def metadata(ckpt: dict, name: str) -> dict[str, object]:
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "training_config": cfg,
     }
+
+
+def skips_torchvision(record: logging.LogRecord) -> bool:
+    return "torchvision is not installed" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Silence what the dynamo exporter says that a user cannot act on (issue 16, point 7): a warning per torchvision
+    op it cannot register (the net uses none) and a FutureWarning torch raises at itself."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    registration.addFilter(skips_torchvision)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            yield
+    finally:
+        registration.removeFilter(skips_torchvision)
 
 
 def write_onnx(net: nn.Module, meta: dict, batch: torch.Tensor, out: Path, opset: int = 18) -> dict:
@@ -97,10 +136,11 @@ def write_onnx(net: nn.Module, meta: dict, batch: torch.Tensor, out: Path, opset
     batch_dim = torch.export.Dim("batch", min=1, max=4096)
     # external_data=False: the dynamo exporter otherwise writes weights to a separate .onnx.data file,
     # and the contract is a single file.
-    program = torch.onnx.export(
-        wrapper, (batch[:2],), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-        dynamic_shapes=({0: batch_dim},), opset_version=opset, dynamo=True, external_data=False,
-    )
+    with quiet_exporter():
+        program = torch.onnx.export(
+            wrapper, (batch[:2],), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=({0: batch_dim},), opset_version=opset, dynamo=True, external_data=False, verbose=False,
+        )
     proto = program.model_proto
     proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     for key, value in encode_metadata(meta).items():
@@ -144,12 +184,13 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     return half
 
 
-def export(checkpoint: Path, out: Path, name: str | None = None, opset: int = 18, fp16: bool = False) -> dict:
-    """Export a training checkpoint, checking parity on a batch of its real validation images."""
+def export(checkpoint: Path, out: Path, name: str | None = None, opset: int = 18, fp16: bool = False,
+           data: Path | None = None) -> dict:
+    """Export a training checkpoint, checking parity on the validation images it carries (or on ``data``)."""
     import onnxruntime as ort
 
     net, ckpt = load_checkpoint(Path(checkpoint))
-    batch = validation_batch(ckpt)
+    batch = validation_batch(ckpt, data)
     meta = metadata(ckpt, name or Path(out).stem)
     report = write_onnx(net, {**meta, "precision": "fp32"}, batch, Path(out), opset)
     if not fp16:
@@ -171,15 +212,25 @@ def export(checkpoint: Path, out: Path, name: str | None = None, opset: int = 18
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Export a checkpoint to a self-describing ONNX file.")
-    parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--out", type=Path, required=True)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m model.export",
+                                     description="Export a checkpoint to a self-describing ONNX file.")
+    parser.add_argument("checkpoint", type=Path, help="a best.pt (or last.pt) written by model.train")
+    parser.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     parser.add_argument("--name", default=None, help="model name recorded in the file (default: file stem)")
-    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     parser.add_argument("--fp16", action="store_true", help="float16 weights (for GPUs); float32 input/outputs")
-    args = parser.parse_args(argv)
-    export(args.checkpoint, args.out, args.name, args.opset, args.fp16)
+    parser.add_argument("--data", type=Path, default=None,
+                        help="check parity on images from this folder instead of those the checkpoint carries")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        export(args.checkpoint, args.out, args.name, args.opset, args.fp16, args.data)
+    except (CheckpointError, ExportError, DataError, ContractError, OSError) as e:
+        raise SystemExit(f"error: {e}") from e
 
 
 if __name__ == "__main__":

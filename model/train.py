@@ -1,335 +1,290 @@
 """Train a ResNet (or its plain twin) with SGD and weight decay, as in He et al. 2015, Sec. 3.4 and 4.2.
 
     python -m model.train --data digits --arch resnet20 --epochs 30 --out runs/digits --export models/default.onnx
+    python -m model.train --help    # every flag of model.config.TrainConfig, with its default and choices
 
 Multi-GPU (or multi-process on CPU, gloo): ``torchrun --nproc_per_node=N -m model.train ...``.
-Every field of ``TrainConfig`` is a command-line flag of the same name (``--weight-decay`` for
-``weight_decay``).
+The phases run in this order: process setup, data, loaders, model, optimiser, resume; then per epoch one pass of SGD,
+evaluation, the log line and the checkpoints; at the end the export of the best checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import math
 import os
-import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from model import data as datasets
-from model.resnet import ResNet, build
+from model.checkpoint import CheckpointError, build_model, describe, parity_pixels, read
+from model.config import TrainConfig, parse_args
+from model.data import DataBundle, DataError, load_bundle, summary
+from model.engine import augment, evaluate, lr_at, resolve_device, seed_everything
+from model.export import ExportError, export
+from model.preprocessing import normaliser
+from model.resnet import ResNet
+
+# Fewer SGD steps per epoch than this and a short run ends near chance: 78 images at batch 128 are one step an epoch
+# (issue 16, point 5). The run warns rather than changing the batch size behind the user's back.
+MIN_STEPS_PER_EPOCH = 5
 
 
-@dataclass
-class TrainConfig:
-    # model
-    arch: str = "resnet20"  # resnet20/32/44/56/110 (CIFAR style) or resnet18/34/50 (ImageNet style)
-    shortcut: str = "A"  # "A": zero-padding, parameter-free; "B": learned 1x1 projection (Sec. 3.3)
-    plain: bool = False  # drop every skip connection (the paper's "plain" baseline)
-    zero_init_residual: bool = False  # zero the last BN scale of each branch: blocks start as the identity
-    # data
-    data: str = "digits"  # "digits" (embedded), "cifar10", or a folder path root/<label>/*.png
-    data_dir: str = "data"  # where the CIFAR-10 archive lives (or is downloaded to with --download)
-    download: bool = False  # fetch CIFAR-10 if it is not on disk (never done implicitly)
-    image_size: int = 32  # input H = W, pixels
-    colour_mode: str = "RGB"  # for folder data: "RGB" or "L" (digits is always "L", CIFAR always "RGB")
-    resize: str = "bilinear"  # Pillow filter used to bring images to image_size
-    val_fraction: float = 0.2  # share of each class held out when the data has no val/ split
-    split_seed: int = 0  # the split is fixed across training seeds so every run is scored on the same images
-    shift: int = 2  # augmentation: random translation of up to this many pixels (pad + crop)
-    flip: bool | None = None  # augmentation: random horizontal flips (default: on for CIFAR-10 and folders)
-    # optimisation
-    epochs: int = 30
-    batch_size: int = 128  # global, over all processes
-    lr: float = 0.05  # peak learning rate for batch_size; the paper uses 0.1 at 128
-    momentum: float = 0.9
-    weight_decay: float = 5e-4  # L2 penalty (the paper: 1e-4 on CIFAR/ImageNet; 5e-4 suits the small digits set)
-    schedule: str = "cosine"  # "cosine" or "step" (/10 at 50% and 75% of training, as Sec. 4.2)
-    warmup_epochs: float = 1.0  # linear warm-up from warmup_lr; the paper warms deep nets at 0.01 (Sec. 4.2)
-    warmup_lr: float = 0.01
-    label_smoothing: float = 0.0
-    # run
-    seed: int = 0
-    device: str = "auto"  # "auto" (CUDA when present, with bf16 autocast), "cuda", "cpu"
-    threads: int = 0  # CPU threads for torch; 0 = torch's default
-    workers: int = 0  # DataLoader worker processes (folder data only needs them)
-    out: str = "runs/default"  # run directory: log.jsonl, best.pt, last.pt
-    resume: str = ""  # path of a last.pt to continue from
-    export: str = ""  # write the best model as ONNX here when training ends
-    progress: bool = True  # tqdm bar per epoch
+@dataclass(frozen=True)
+class Process:
+    """This process's device and its place among torchrun's processes (rank 0 of 1 without torchrun)."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
-def add_config_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | None = None, skip: tuple = ()) -> None:
-    """One flag per ``TrainConfig`` field but those in ``skip`` (``--weight-decay`` for ``weight_decay``)."""
-    defaults = defaults or TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if f.type in ("bool", "bool | None"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, default=default)
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_flags(parser)
-    return TrainConfig(**vars(parser.parse_args(argv)))
-
-
-# --- helpers ----------------------------------------------------------------------------------
-
-
-def load_bundle(cfg: TrainConfig) -> datasets.DataBundle:
-    if cfg.data == "digits":
-        return datasets.load_digits_data(cfg.image_size, cfg.val_fraction, cfg.split_seed, cfg.resize)
-    if cfg.data == "cifar10":
-        return datasets.load_cifar10_data(Path(cfg.data_dir), cfg.image_size, cfg.resize, cfg.download)
-    return datasets.load_folder_data(
-        Path(cfg.data), cfg.image_size, cfg.colour_mode, cfg.val_fraction, cfg.split_seed, cfg.resize,
-        flip=True if cfg.flip is None else cfg.flip,
-    )
-
-
-def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> ResNet:
-    return build(
-        cfg.arch, num_classes=num_classes, in_channels=in_channels, shortcut=cfg.shortcut,
-        residual=not cfg.plain, zero_init_residual=cfg.zero_init_residual,
-    )
-
-
-def augment(x: torch.Tensor, shift: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Random translation by zero-padding and cropping back, and optional horizontal flips."""
-    n, _, h, w = x.shape  # x: (N, C, H, W) float in [0, 1]
-    if shift > 0:
-        padded = F.pad(x, (shift, shift, shift, shift))
-        dy = torch.randint(0, 2 * shift + 1, (n,), generator=gen).to(x.device)
-        dx = torch.randint(0, 2 * shift + 1, (n,), generator=gen).to(x.device)
-        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (N, H, 1)
-        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (N, 1, W)
-        batch = torch.arange(n, device=x.device)[:, None, None]
-        x = padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
-    if flip:
-        mask = (torch.rand(n, generator=gen) < 0.5).to(x.device)[:, None, None, None]
-        x = torch.where(mask, x.flip(3), x)
-    return x
-
-
-def lr_at(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.schedule == "step":
-        return cfg.lr * (0.1 ** sum(progress >= m for m in (0.5, 0.75)))
-    raise ValueError(f"schedule must be 'cosine' or 'step', got {cfg.schedule!r}")
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, normalise: Callable, device: torch.device) -> dict:
-    """Mean cross-entropy and accuracy over a whole loader, in eval mode (running BN statistics)."""
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
-    for pixels, y in loader:
-        x = normalise(pixels.to(device))
-        y = y.to(device)
-        logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        n += len(y)
-    model.train(was_training)
-    return {"loss": loss_sum / n, "accuracy": correct / n}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# --- training ---------------------------------------------------------------------------------
-
-
-def train(cfg: TrainConfig, on_epoch: Callable[[dict, ResNet], None] | None = None) -> dict:
-    """Run the whole recipe; returns the best epoch's record. ``on_epoch`` sees each epoch's record."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+def setup(cfg: TrainConfig) -> Process:
+    """Device, process group, threads, seeds and determinism, before anything draws a random number."""
     device = resolve_device(cfg.device)
-    if distributed:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
-    main_process = rank == 0
+        rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
+    return Process(device, rank, world)
 
-    # data
-    bundle = load_bundle(cfg)
-    pre = bundle.preprocessing
+
+def load_data(cfg: TrainConfig, proc: Process, bundle: DataBundle | None) -> tuple[TrainConfig, DataBundle]:
+    """The data set (described on stdout when loaded here), and the config as used: the colour mode and flips that
+    default to the data's own are recorded as what they were."""
+    if bundle is None:
+        bundle = load_bundle(cfg)
+        if proc.main:
+            print(summary(bundle), flush=True)
     flip = bundle.flip if cfg.flip is None else cfg.flip
-    if cfg.batch_size % world:
-        raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
-    per_rank_batch = cfg.batch_size // world
+    return dataclasses.replace(cfg, colour_mode=bundle.preprocessing.colour_mode, flip=flip), bundle
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    sampler: DistributedSampler | None  # None without torchrun: the train loader shuffles with shuffle_gen
+    shuffle_gen: torch.Generator
+
+
+def make_loaders(cfg: TrainConfig, bundle: DataBundle, proc: Process) -> Loaders:
+    if cfg.batch_size % proc.world:
+        raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the {proc.world} processes")
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
-    sampler = DistributedSampler(bundle.train, world, rank, shuffle=True, seed=cfg.seed) if distributed else None
-    train_loader = DataLoader(
-        bundle.train, per_rank_batch, shuffle=sampler is None, sampler=sampler, generator=shuffle_gen,
-        num_workers=cfg.workers, drop_last=len(bundle.train) >= cfg.batch_size, pin_memory=device.type == "cuda",
+    sampler = DistributedSampler(bundle.train, proc.world, proc.rank, shuffle=True, seed=cfg.seed) \
+        if proc.distributed else None
+    train = DataLoader(
+        bundle.train, cfg.batch_size // proc.world, shuffle=sampler is None, sampler=sampler, generator=shuffle_gen,
+        num_workers=cfg.workers, drop_last=len(bundle.train) >= cfg.batch_size, pin_memory=proc.device.type == "cuda",
     )
-    val_loader = DataLoader(bundle.val, 256, num_workers=cfg.workers)
-    mean = torch.tensor(pre.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(pre.std, device=device).view(1, -1, 1, 1)
+    return Loaders(train, DataLoader(bundle.val, 256, num_workers=cfg.workers), sampler, shuffle_gen)
 
-    def normalise(pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels.float() / 255.0 - mean) / std  # (N, C, H, W) uint8 -> normalised float32
 
-    aug_gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
+def few_steps_warning(cfg: TrainConfig, images: int, steps: int) -> str | None:
+    """What to change when an epoch is too few SGD steps to learn from; None when it is not."""
+    if steps >= MIN_STEPS_PER_EPOCH:
+        return None
+    said = (f"warning: {images} training images at --batch-size {cfg.batch_size} make {steps} SGD step(s) per epoch, "
+            f"{steps * cfg.epochs} in all: too few to learn from.")
+    batches = [2**k for k in range(1, 12) if images // 2**k >= MIN_STEPS_PER_EPOCH]
+    if not batches:
+        return f"{said} Add images: even --batch-size 2 gives fewer than {MIN_STEPS_PER_EPOCH} steps per epoch."
+    return (f"{said} Pass --batch-size {batches[-1]} ({images // batches[-1]} steps per epoch) and raise --epochs "
+            "until the validation accuracy stops improving.")
 
-    # model
-    model = build_model(cfg, len(bundle.labels), pre.channels).to(device)
-    net: torch.nn.Module = model
-    if distributed:
-        device_ids = [device.index] if device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
-    # optimiser: SGD with momentum; weight decay on every parameter as in the paper
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(train_loader)
+def make_model(cfg: TrainConfig, bundle: DataBundle, proc: Process) -> tuple[ResNet, nn.Module]:
+    """The net, and what the loop calls: the net itself, or its DistributedDataParallel wrapper under torchrun."""
+    model = build_model(cfg, len(bundle.labels), bundle.preprocessing.channels).to(proc.device)
+    if not proc.distributed:
+        return model, model
+    device_ids = [proc.device.index] if proc.device.type == "cuda" else None
+    return model, nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def make_optimiser(cfg: TrainConfig, model: nn.Module) -> torch.optim.SGD:
+    """SGD with momentum; weight decay on every parameter, as in the paper."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class Progress:
+    """What a run has done so far, and what a resumed run continues from."""
+
+    epoch: int = 0  # epochs completed
+    best: dict | None = None  # the record of the epoch with the best validation accuracy
+    history: list[dict] = field(default_factory=list)
+
+
+def resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, loaders: Loaders, aug_gen: torch.Generator,
+           device: torch.device) -> Progress:
+    """Weights, optimiser, progress and every random generator as a last.pt left them."""
+    state = read(Path(path), map_location=device)
+    if "optimizer" not in state:
+        raise CheckpointError(f"{path} holds no optimiser state (a best.pt?); resume from the run's last.pt")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    loaders.shuffle_gen.set_state(state["shuffle_rng"])
+    aug_gen.set_state(state["aug_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return Progress(state["epoch"], state["best"], state["history"])
+
+
+def train_one_epoch(cfg: TrainConfig, epoch: int, net: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                    normalise: Callable, flip: bool, aug_gen: torch.Generator, proc: Process) -> tuple[float, float]:
+    """One pass of SGD over the training set; returns the mean loss and error on its augmented batches, over every
+    process."""
+    device = proc.device
+    net.train()
+    steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
-    start_epoch, best, history = 0, None, []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    loss_sum = torch.zeros((), device=device)
+    wrong = torch.zeros((), device=device)
+    seen = 0
+    show = cfg.progress and proc.main
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False, dynamic_ncols=True)
+    for i, (pixels, y) in enumerate(bar):
+        step = epoch * steps_per_epoch + i
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step, total_steps, steps_per_epoch)
+        x = normalise(augment(pixels.to(device, non_blocking=True), cfg.shift, flip, aug_gen))  # x: (N, C, H, W)
+        y = y.to(device, non_blocking=True)
+        with autocast:
+            logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {i}: "
+                                     "lower --lr or lengthen --warmup-epochs")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        wrong += (logits.argmax(1) != y).sum()
+        seen += len(y)
+        if show and i % 5 == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{1 - wrong.item() / seen:.4f}")
+    stats = torch.stack([loss_sum, wrong, torch.tensor(float(seen), device=device)])
+    if proc.distributed:
+        dist.all_reduce(stats)
+    return stats[0].item() / stats[2].item(), stats[1].item() / stats[2].item()
+
+
+def log_epoch(out: Path, record: dict) -> None:
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(
+        f"epoch {record['epoch']:3d}  train loss {record['train_loss']:.4f} err {record['train_error']:.4f}  "
+        f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}  {record['seconds']:.1f}s",
+        flush=True,
+    )
+
+
+def save_checkpoints(out: Path, meta: dict, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
+                     improved: bool, loaders: Loaders, aug_gen: torch.Generator) -> None:
+    """best.pt when the epoch improved on the best; last.pt always, with all a resume needs."""
+    record = progress.history[-1]
+    if improved:
+        torch.save({**meta, "model": model.state_dict(), "metrics": record}, out / "best.pt")
+    torch.save({
+        **meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": progress.epoch,
+        "best": progress.best, "history": progress.history, "metrics": record,
+        "shuffle_rng": loaders.shuffle_gen.get_state(), "aug_rng": aug_gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }, out / "last.pt")
+
+
+def train(cfg: TrainConfig, on_epoch: Callable[[dict, ResNet], None] | None = None,
+          bundle: DataBundle | None = None) -> dict:
+    """Run the whole recipe; returns the best epoch's record. ``on_epoch`` sees each epoch's record; ``bundle`` is
+    data the caller has loaded already (by default, the data ``cfg`` names)."""
+    # setup, data, model, optimiser, resume
+    proc = setup(cfg)
+    cfg, bundle = load_data(cfg, proc, bundle)
+    loaders = make_loaders(cfg, bundle, proc)
+    if proc.main and (warning := few_steps_warning(cfg, len(bundle.train), len(loaders.train))):
+        print(warning, file=sys.stderr, flush=True)
+    normalise = normaliser(bundle.preprocessing, proc.device)
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1000 * proc.rank)
+    model, net = make_model(cfg, bundle, proc)
+    optimizer = make_optimiser(cfg, model)
+    progress = resume(cfg.resume, model, optimizer, loaders, aug_gen, proc.device) if cfg.resume else Progress()
+    # the run directory: the config as used, and what every checkpoint says about itself
     out = Path(cfg.out)
-    if cfg.resume:
-        state = torch.load(cfg.resume, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best, history = state["epoch"], state["best"], state["history"]
-        shuffle_gen.set_state(state["shuffle_rng"])
-        aug_gen.set_state(state["aug_rng"])
-        torch.set_rng_state(state["torch_rng"])
-    if main_process:
+    if proc.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        meta = describe(cfg, bundle, parity_pixels(bundle))
 
-    # loop
-    for epoch in range(start_epoch, cfg.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        net.train()
+    # per epoch: one pass of SGD, evaluation, the log line, the checkpoints
+    for epoch in range(progress.epoch, cfg.epochs):
+        if loaders.sampler is not None:
+            loaders.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        wrong = torch.zeros((), device=device)
-        seen = 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and main_process),
-                   leave=False, dynamic_ncols=True)
-        for i, (pixels, y) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, step, total_steps, steps_per_epoch)
-            x = augment(pixels.to(device, non_blocking=True).float() / 255.0, cfg.shift, flip, aug_gen)
-            x = (x - mean) / std  # x: (N, C, H, W)
-            y = y.to(device, non_blocking=True)
-            with autocast:
-                logits = net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {i}: "
-                                         "lower --lr or lengthen --warmup-epochs")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(y)
-            wrong += (logits.argmax(1) != y).sum()
-            seen += len(y)
-            if cfg.progress and main_process and i % 5 == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{1 - wrong.item() / seen:.4f}")
-        stats = torch.stack([loss_sum, wrong, torch.tensor(float(seen), device=device)])
-        if distributed:
-            dist.all_reduce(stats)
-        epoch_seconds = time.perf_counter() - t0
-        val = evaluate(model, val_loader, normalise, device)
+        train_loss, train_error = train_one_epoch(cfg, epoch, net, optimizer, loaders.train, normalise, cfg.flip,
+                                                  aug_gen, proc)
+        seconds = time.perf_counter() - t0
+        val = evaluate(model, loaders.val, normalise, proc.device)
         record = {
             "epoch": epoch + 1,
-            "train_loss": stats[0].item() / stats[2].item(),
-            "train_error": stats[1].item() / stats[2].item(),  # on augmented batches, running
+            "train_loss": train_loss,
+            "train_error": train_error,  # on augmented batches, running
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "lr": optimizer.param_groups[0]["lr"],
-            "seconds": round(epoch_seconds, 3),
+            "seconds": round(seconds, 3),
         }
-        history.append(record)
-        improved = best is None or record["val_accuracy"] > best["val_accuracy"]
+        improved = progress.best is None or record["val_accuracy"] > progress.best["val_accuracy"]
+        progress.epoch = epoch + 1
+        progress.history.append(record)
         if improved:
-            best = record
-        if main_process:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(
-                f"epoch {epoch + 1:3d}  train loss {record['train_loss']:.4f} err {record['train_error']:.4f}  "
-                f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}  {epoch_seconds:.1f}s",
-                flush=True,
-            )
-            meta = {
-                "config": dataclasses.asdict(cfg), "labels": bundle.labels, "preprocessing": pre.to_metadata(),
-                "data": bundle.name, "num_classes": len(bundle.labels), "in_channels": pre.channels,
-            }
-            if improved:
-                torch.save({**meta, "model": model.state_dict(), "metrics": record}, out / "best.pt")
-            torch.save({
-                **meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                "best": best, "history": history, "metrics": record, "shuffle_rng": shuffle_gen.get_state(),
-                "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
-            }, out / "last.pt")
+            progress.best = record
+        if proc.main:
+            log_epoch(out, record)
+            save_checkpoints(out, meta, model, optimizer, progress, improved, loaders, aug_gen)
         if on_epoch is not None:
             on_epoch(record, model)
 
-    if distributed:
+    # teardown, and the export of the best checkpoint
+    if proc.distributed:
         dist.barrier()
         dist.destroy_process_group()
-    if main_process and cfg.export:
-        from model.export import export
-
+    if proc.main and cfg.export:
         export(out / "best.pt", Path(cfg.export))
-    return best or {}
+    return progress.best or {}
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
+    cfg = parse_args(argv, description=__doc__.splitlines()[0])
     try:
         best = train(cfg)
-    except datasets.DataError as e:
+    except (DataError, CheckpointError, ExportError) as e:
         raise SystemExit(f"error: {e}") from e
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"best": best}), file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -19,6 +20,7 @@ from PIL import Image
 
 from contract import to_colour_mode
 from model import data
+from model.config import TrainConfig
 from model.preprocessing import Preprocessing
 from tests.conftest import make_class_folder
 
@@ -35,7 +37,11 @@ def test_load_digits_split_is_stratified_fixed_and_disjoint():
     train_rows = {t.numpy().tobytes() for t in a.train.tensors[0]}
     assert sum(t.numpy().tobytes() in train_rows for t in a.val.tensors[0]) < 5  # a few digits are duplicates
     assert a.labels == [str(i) for i in range(10)] and a.flip is False
-    assert 0.1 < a.preprocessing.mean[0] < 0.5 and a.preprocessing.std[0] > 0.1
+    # mean and std of 1,437 training digits at 32x32 (bilinear): mostly black, white ink
+    assert a.preprocessing.mean == pytest.approx((0.31,), abs=0.01), a.preprocessing
+    assert a.preprocessing.std == pytest.approx((0.32,), abs=0.01), a.preprocessing
+    assert a.counts() == {label: (int((a.train.tensors[1] == i).sum()), val_counts[i]) for i, label in
+                          enumerate(a.labels)}
 
 
 def test_load_folder_data_splits_by_seed(tmp_path):
@@ -44,6 +50,7 @@ def test_load_folder_data_splits_by_seed(tmp_path):
     assert bundle.labels == ["cat", "dog", "fox"]
     assert len(bundle.train) + len(bundle.val) == 18
     assert sorted(Counter(bundle.val.targets).values()) == [2, 2, 2]
+    assert bundle.counts() == {"cat": (4, 2), "dog": (4, 2), "fox": (4, 2)}
     x, y = bundle.train[0]
     assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and y in (0, 1, 2)
 
@@ -62,6 +69,7 @@ def test_load_folder_data_uses_train_val_subfolders(tmp_path):
         pytest.param({}, "does not exist", id="missing"),
         pytest.param({"only": 3}, "at least 2 class folders", id="one-class"),
         pytest.param({"a": 1, "b": 3}, "at least 2 images", id="too-few-images"),
+        pytest.param({"a": 2, "b": 2, "c": 0}, "class folder .*/d/c holds no images", id="empty-class"),
     ],
 )
 def test_load_folder_data_bad_layout_fails_clearly(tmp_path, layout, message):
@@ -70,6 +78,72 @@ def test_load_folder_data_bad_layout_fails_clearly(tmp_path, layout, message):
         make_class_folder(root, {label: 100}, per_class=n)
     with pytest.raises(data.DataError, match=message):
         data.load_folder_data(root, 8, "RGB", 0.5, 0, "bilinear", flip=False)
+
+
+def test_load_folder_data_ignores_hidden_folders(tmp_path):
+    root = make_class_folder(tmp_path / "d", {"a": 50, "b": 250}, per_class=4)
+    (root / ".ipynb_checkpoints").mkdir()
+    assert data.load_folder_data(root, 8, "L", 0.5, 0, "bilinear", flip=False).labels == ["a", "b"]
+
+
+def test_load_folder_data_with_an_empty_val_split_fails(tmp_path):
+    make_class_folder(tmp_path / "d" / "train", {"a": 50, "b": 250}, per_class=4)
+    (tmp_path / "d" / "val").mkdir()
+    with pytest.raises(data.DataError, match="val holds no class folders"):
+        data.load_folder_data(tmp_path / "d", 8, "L", 0.2, 0, "bilinear", flip=False)
+
+
+def break_images(root: Path) -> list[Path]:
+    truncated, garbage = root / "a" / "1.png", root / "b" / "0.jpeg"
+    truncated.write_bytes(truncated.read_bytes()[:-40])
+    garbage.write_bytes(b"\x00" * 64)
+    return [truncated, garbage]
+
+
+def test_load_folder_data_lists_every_unreadable_image(tmp_path):
+    root = make_class_folder(tmp_path / "d", {"a": 50, "b": 250}, per_class=4)
+    bad = break_images(root)
+    with pytest.raises(data.DataError) as e:
+        data.load_folder_data(root, 8, "RGB", 0.5, 0, "bilinear", flip=False)
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("2 of 8 images cannot be read"), lines
+    assert [line.split(":")[0].strip() for line in lines[1:]] == [str(p) for p in bad], lines
+
+
+def test_load_folder_data_skips_unreadable_images_when_asked(tmp_path):
+    root = make_class_folder(tmp_path / "d", {"a": 50, "b": 250}, per_class=4)
+    bad = break_images(root)
+    bundle = data.load_folder_data(root, 8, "RGB", 0.5, 0, "bilinear", flip=False, skip_bad=True)
+    assert [path for path, _ in bundle.skipped] == bad
+    assert sum(t + v for t, v in bundle.counts().values()) == 6
+    assert not set(bad) & set(bundle.train.files + bundle.val.files)
+
+
+def test_load_folder_data_class_of_only_unreadable_images_fails(tmp_path):
+    root = make_class_folder(tmp_path / "d", {"a": 50, "b": 250}, per_class=2)
+    for f in (root / "b").iterdir():
+        f.write_bytes(b"")
+    with pytest.raises(data.DataError, match="class folder .*/d/b holds no readable images"):
+        data.load_folder_data(root, 8, "RGB", 0.5, 0, "bilinear", flip=False, skip_bad=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "message"),
+    [
+        pytest.param("digits", "RGB", "digits images are L: drop --colour-mode RGB or pass L", id="digits-rgb"),
+        pytest.param("cifar10", "L", "cifar10 images are RGB: drop --colour-mode L or pass RGB", id="cifar-grey"),
+    ],
+)
+def test_load_bundle_refuses_a_colour_mode_the_data_cannot_have(name, mode, message):
+    with pytest.raises(data.DataError, match=message):
+        data.load_bundle(TrainConfig(data=name, colour_mode=mode))
+
+
+def test_load_bundle_folder_takes_the_colour_mode_asked_for(tmp_path):
+    root = make_class_folder(tmp_path / "d", {"a": 50, "b": 250}, per_class=4)
+    cfg = TrainConfig(data=str(root), image_size=8, val_fraction=0.5)
+    assert data.load_bundle(cfg).preprocessing.colour_mode == "RGB"
+    assert data.load_bundle(dataclasses.replace(cfg, colour_mode="L")).preprocessing.colour_mode == "L"
 
 
 def write_cifar_archive(folder: Path, n_train: int = 20, n_test: int = 10) -> None:

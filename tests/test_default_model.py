@@ -16,6 +16,7 @@ def test_default_model_scores_recorded_accuracy_on_validation_split(default_mode
     cfg = meta["training_config"]
     bundle = load_digits_data(meta["input_size"][0], cfg["val_fraction"], cfg["split_seed"], meta["resize"])
     assert meta["mean"] == list(bundle.preprocessing.mean)
+    assert cfg["colour_mode"] == meta["colour_mode"] == "L"  # the training config says what was used
     x = bundle.preprocessing.normalise(bundle.val.tensors[0]).numpy()
     y = bundle.val.tensors[1].numpy()
     session = ort.InferenceSession(default_model, providers=["CPUExecutionProvider"])

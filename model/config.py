@@ -1,0 +1,94 @@
+"""The training recipe as one dataclass: every field is a command-line flag of the same name (``--weight-decay`` for
+``weight_decay``), and its help text, default and choices come from the field itself, written once."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from contract import COLOUR_MODES, RESIZE_FILTERS
+
+
+def option(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A config field whose metadata is its flag's help text and, where the values are few, its choices."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # model
+    arch: str = option("resnet20", "resnet<6n+2> (20, 32, 44, 56, 110: CIFAR style) or resnet18/34/50 (ImageNet "
+                                   "style)")
+    shortcut: str = option("A", "A: zero-padding, parameter-free; B: learned 1x1 projection (Sec. 3.3)", ("A", "B"))
+    plain: bool = option(False, "drop every skip connection (the paper's plain baseline)")
+    zero_init_residual: bool = option(False, "zero the last BN scale of each residual branch: blocks start as the "
+                                             "identity")
+    # data
+    data: str = option("digits", "digits (embedded, no download), cifar10, or a folder path root/<label>/*.png "
+                                 "(optionally root/train and root/val)")
+    data_dir: str = option("data", "where the CIFAR-10 archive lives (or is downloaded to with --download)")
+    download: bool = option(False, "fetch CIFAR-10 if it is not on disk (never done implicitly)")
+    image_size: int = option(32, "input height = width the network sees, pixels")
+    colour_mode: str | None = option(None, "L (grayscale) or RGB (default: L for digits, RGB for CIFAR-10 "
+                                           "and folders)", tuple(COLOUR_MODES))
+    resize: str = option("bilinear", "Pillow filter that brings images to --image-size", tuple(RESIZE_FILTERS))
+    val_fraction: float = option(0.2, "share of each class held out for validation when the data has no val/ split")
+    split_seed: int = option(0, "seed of the train/val split, fixed across training seeds so every run is scored on "
+                                "the same images")
+    skip_bad_images: bool = option(False, "train without the folder's unreadable images (counted in the log) "
+                                          "instead of stopping with their list")
+    shift: int = option(2, "augmentation: random translation by up to this many pixels (pad + crop)")
+    flip: bool | None = option(None, "augmentation: random horizontal flips (default: on for CIFAR-10 and "
+                                     "folders, off for digits)")
+    # optimisation
+    epochs: int = option(30, "passes over the training set")
+    batch_size: int = option(128, "images per SGD step, global over all processes")
+    lr: float = option(0.05, "peak learning rate at --batch-size (the paper: 0.1 at 128)")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "L2 penalty on every parameter (the paper: 1e-4 on CIFAR/ImageNet; 5e-4 "
+                                       "suits the small digits set)")
+    schedule: str = option("cosine", "cosine, or step: lr / 10 at half and at three quarters of training (Sec. 4.2)",
+                           ("cosine", "step"))
+    warmup_epochs: float = option(1.0, "epochs of linear warm-up from --warmup-lr (the paper warms deep nets at "
+                                       "0.01, Sec. 4.2)")
+    warmup_lr: float = option(0.01, "learning rate the warm-up starts from")
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing, 0 = none")
+    # run
+    seed: int = option(0, "seed of the weights, the shuffling and the augmentation")
+    device: str = option("auto", "auto: CUDA when present (with bf16 autocast), else CPU", ("auto", "cuda", "cpu"))
+    threads: int = option(0, "CPU threads for torch; 0 = torch's default")
+    workers: int = option(0, "DataLoader worker processes (only folder data needs them)")
+    out: str = option("runs/default", "run directory: config.json, log.jsonl, best.pt, last.pt")
+    resume: str = option("", "path of a last.pt to continue from, up to --epochs in all")
+    export: str = option("", "write the best model as ONNX here when training ends")
+    progress: bool = option(True, "a progress bar per epoch")
+
+
+FLAG_TYPES = {"int": int, "float": float, "str": str, "str | None": str}
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | None = None, skip: tuple = ()) -> None:
+    """One flag per ``TrainConfig`` field but those in ``skip``, with the field's help, default and choices."""
+    defaults = defaults or TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        default = getattr(defaults, f.name)
+        shown = "" if default is None else " (default: none)" if default == "" else " (default: %(default)s)"
+        kwargs = {"default": default, "help": f.metadata["help"] + shown}  # a None default is the data's: help says it
+        if f.type in ("bool", "bool | None"):
+            parser.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(flag_name(f.name), type=FLAG_TYPES[f.type], choices=f.metadata["choices"], **kwargs)
+
+
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(prog="python -m model.train", description=description)
+    add_config_flags(parser)
+    return TrainConfig(**vars(parser.parse_args(argv)))
