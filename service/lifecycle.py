@@ -65,6 +65,19 @@ def _drain_on_stop_signals(state: ServiceState) -> None:
         signal.signal(sig, handler)
 
 
+async def _start_grpc(state: ServiceState, version: str):
+    """The gRPC door in this event loop, sharing the state (None when ``grpc_port`` is 0). Imported here, so a
+    service without it never loads grpc."""
+    if not state.settings.grpc_port:
+        return None
+    from service.grpc_door import build_server
+
+    server = build_server(state, version)
+    await server.start()
+    log.info("gRPC on %s:%d", state.settings.host, state.settings.grpc_port)
+    return server
+
+
 def lifespan(settings: Settings, load_model: Callable[[Settings], Model]):
     """The ASGI lifespan: ``app.state.service`` holds the ``ServiceState`` while the app runs."""
 
@@ -80,6 +93,7 @@ def lifespan(settings: Settings, load_model: Callable[[Settings], Model]):
         )
         batcher.start()
         state.batcher = batcher
+        grpc_server = await _start_grpc(state, app.version)
         # Load in the background: the process answers liveness (and a 503 readiness) while it loads.
         loader = asyncio.create_task(state.load(), name="model-load")
         try:
@@ -92,6 +106,10 @@ def lifespan(settings: Settings, load_model: Callable[[Settings], Model]):
         finally:
             undo_sighup()
             state.begin_drain()
+            if grpc_server is not None:
+                # Calls in flight finish (up to drain_timeout_s), new ones are refused; the HTTP server has
+                # already drained its own before running this exit.
+                await grpc_server.stop(settings.drain_timeout_s)
             loader.cancel()
             await batcher.stop()
             state.decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 # Sub-millisecond to seconds: a 32x32 PNG decodes in 50 us, a 12 MP JPEG in tens of ms, a batch of
@@ -19,9 +22,55 @@ QUEUE_DEPTH = Gauge("predict_queue_depth", "Images admitted and not yet dispatch
 IMAGES = Counter("predict_images", "Images classified")
 MODEL_INFO = Info("model", "The model being served")
 MODEL_LOADS = Counter("model_loads", "Model load attempts", ["result"])
+GRPC_REQUESTS = Counter("grpc_requests", "gRPC calls answered", ["method", "code"])
+GRPC_LATENCY = Histogram("grpc_request_duration_seconds", "Time to answer a gRPC call", ["method"],
+                         buckets=STAGE_BUCKETS)
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0  # summed over count
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.ns += round(seconds * 1e9)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass
+class InferenceStatistics:
+    """The figures of Triton's statistics extension, since the process started, from what the core and the
+    batcher already measure. Updated on the event loop only."""
+
+    inference_count: int = 0  # images classified
+    execution_count: int = 0  # batches run
+    last_inference_ms: int = 0  # ms since the epoch
+    success: Duration = field(default_factory=Duration)  # per request: admitted to answered
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)  # per request: its longest-waiting image
+    compute_input: Duration = field(default_factory=Duration)  # per request: decode and preprocess, summed
+    compute_infer: Duration = field(default_factory=Duration)  # per request: its batch's session.run
+    batches: dict[int, Duration] = field(default_factory=dict)  # session.run time by batch size
+
+    def durations(self) -> dict[str, Duration]:
+        return {"success": self.success, "fail": self.fail, "queue": self.queue,
+                "compute_input": self.compute_input, "compute_infer": self.compute_infer}
+
+    def batch(self, size: int, seconds: float) -> None:
+        self.batches.setdefault(size, Duration()).add(seconds)
+        self.execution_count += 1
+        self.inference_count += size
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+
+STATISTICS = InferenceStatistics()
 
 
 def observe_batch(size: int, seconds: float) -> None:
     BATCH_SIZE.observe(size)
     INFERENCE.observe(seconds)
     IMAGES.inc(size)
+    STATISTICS.batch(size, seconds)
