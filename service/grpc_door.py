@@ -16,11 +16,13 @@ import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError, Message
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -79,6 +81,8 @@ def answered(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
     async def handle(self: InferenceServicer, request: Any, context: aio.ServicerContext) -> Any:
         started, code = time.perf_counter(), Code.OK
         try:
+            if isinstance(request, Malformed):
+                raise errors.InvalidInferenceRequest(f"malformed {request.message} message: {request.error}")
             return await method(self, request, context)
         except errors.ServiceError as e:
             code = code_of(e)
@@ -99,6 +103,34 @@ def answered(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
             metrics.GRPC_LATENCY.labels(name).observe(time.perf_counter() - started)
 
     return handle
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request that did not parse: answered INVALID_ARGUMENT by the method (grpc itself would say INTERNAL)."""
+
+    message: str
+    error: str
+
+
+def tolerant(message: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    def parse(data: bytes) -> Message | Malformed:
+        try:
+            return message.FromString(data)
+        except DecodeError as e:
+            return Malformed(message.DESCRIPTOR.name, str(e) or "not a protobuf message")
+
+    return parse
+
+
+def inference_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """The generated registration, with requests parsed by ``tolerant``."""
+    methods = {}
+    for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        methods[m.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, m.name), request_deserializer=tolerant(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+    return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
 def authorization(context: aio.ServicerContext) -> str | None:
@@ -188,7 +220,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> pb.ModelReadyResponse:
         try:
             self.served(context, request.name, request.version)
-        except errors.ModelNotReady:
+        except (errors.ModelNotReady, errors.UnknownModel):  # not an error here: the answer is "not ready"
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
@@ -287,7 +319,7 @@ def build_server(state: ServiceState, version: str) -> aio.Server:
         # Workers share the port as they share the HTTP one; a lone server on a taken port is an error instead.
         ("grpc.so_reuseport", int(settings.workers > 1)),
     ])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state, version), server)
+    server.add_generic_rpc_handlers((inference_handlers(InferenceServicer(state, version)),))
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(state), server)
     reflection.enable_server_reflection([SERVICE, HEALTH, reflection.SERVICE_NAME], server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
