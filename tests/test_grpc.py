@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -218,6 +219,27 @@ def test_infer_gzip_compressed_request_and_response(client):
     plain = client.infer("default", [image_input(PNGS)]).as_numpy("probabilities")
     packed = client.infer("default", [image_input(PNGS)], compression_algorithm="gzip").as_numpy("probabilities")
     np.testing.assert_array_equal(packed, plain)
+
+
+@pytest.mark.parametrize(
+    ("rest", "grpc_call", "message"),
+    [
+        pytest.param(("POST", "/v2/repository/index"), lambda c: c.get_model_repository_index(),
+                     lambda body: service_pb2.RepositoryIndexResponse(models=[
+                         service_pb2.RepositoryIndexResponse.ModelIndex(**m) for m in body]), id="repository-index"),
+        pytest.param(("GET", "/v2/models/default/config"), lambda c: c.get_model_config("default"),
+                     lambda body: json_format.ParseDict({"config": body}, service_pb2.ModelConfigResponse()),
+                     id="model-config"),
+        pytest.param(("GET", "/v2/models/default/stats"), lambda c: c.get_inference_statistics("default"),
+                     lambda body: json_format.ParseDict(body, service_pb2.ModelStatisticsResponse()), id="statistics"),
+    ],
+)
+def test_triton_extension_over_grpc_equals_rest(client, http, rest, grpc_call, message):
+    client.infer("default", [image_input(PNGS[:2])])  # statistics with something in them
+    answer = grpc_call(client)
+    r = http.request(*rest)
+    assert r.status_code == 200, r.text
+    assert answer == message(r.json())
 
 
 # --- errors ---------------------------------------------------------------------------------------------------------
