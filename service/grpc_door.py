@@ -89,8 +89,9 @@ def answered(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
             if isinstance(e, errors.QueueFull):
                 context.set_trailing_metadata((("retry-after", str(max(1, round(e.retry_after_s)))),))
             await context.abort(code, e.detail)
-        except asyncio.CancelledError:
-            code = Code.CANCELLED  # the client left or its deadline passed: grpc answers it, nobody reads us
+        except asyncio.CancelledError:  # the client left or its deadline passed: grpc has answered it already
+            remaining = context.time_remaining()
+            code = Code.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else Code.CANCELLED
             raise
         except aio.AbortError:
             raise

@@ -93,15 +93,17 @@ def lifespan(settings: Settings, load_model: Callable[[Settings], Model]):
         )
         batcher.start()
         state.batcher = batcher
-        grpc_server = await _start_grpc(state, app.version)
         # Load in the background: the process answers liveness (and a 503 readiness) while it loads.
         loader = asyncio.create_task(state.load(), name="model-load")
+        grpc_server = None
         try:
             if settings.workers > 1:
                 # Several workers share one listening socket and the kernel hands each connection to any of
                 # them: a worker still loading would answer 503 to traffic sent on another worker's readiness.
                 # uvicorn accepts only after the lifespan's startup, so each worker waits for its model.
                 await asyncio.shield(loader)
+            # After that wait, as the HTTP door (workers share the gRPC port too); a taken port fails the start.
+            grpc_server = await _start_grpc(state, app.version)
             yield
         finally:
             undo_sighup()

@@ -642,3 +642,18 @@ def test_import_core_loads_no_grpc():
             "g = sorted(m for m in sys.modules if m.split('.')[0] == 'grpc'); print(g); sys.exit(1 if g else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_taken_grpc_port_fails_the_start_and_says_which(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = LiveServer({"RESNET_GRPC_PORT": str(port)}, tmp_path / "server.log")
+        try:
+            assert server.proc.wait(60) != 0
+        finally:
+            server.stop()
+    assert f"Failed to bind to address 127.0.0.1:{port}" in server.log_path.read_text()
