@@ -20,6 +20,7 @@ import numpy as np
 from fastapi import APIRouter, Body, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import StrictBool
 from starlette.routing import Match
 
 from service import metrics
@@ -105,7 +106,7 @@ async def server_ready(state: State) -> Response:
 
 
 @router.post("/repository/index")
-async def repository_index(state: State, _: Authorized, ready: Annotated[bool, Body(embed=True)] = False
+async def repository_index(state: State, _: Authorized, ready: Annotated[StrictBool, Body(embed=True)] = False
                            ) -> list[dict[str, str]]:
     """Triton's model repository index: the one model, its version and state (READY once it serves)."""
     spec = state.serving.model.spec if state.serving else None
