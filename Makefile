@@ -6,7 +6,7 @@ HOST ?= 0.0.0.0
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test install-train model lint bench soak clean
+.PHONY: run test install-train model lint bench soak clean proto
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ bench: $(VENV)/.dev
 # single-image prediction; RSS and open fds watched (~5 min on 2 cores). Not part of `make test`.
 soak: $(VENV)/.dev
 	$(PY) -m bench.soak $(SOAK_ARGS)
+
+# The gRPC door's generated modules (committed): rerun after editing service/proto/inference.proto.
+proto: $(VENV)/.dev
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. service/proto/inference.proto
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

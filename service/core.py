@@ -143,12 +143,18 @@ class Classification:
     def logits(self) -> np.ndarray:
         return np.stack([r.logits for r in self.results])  # (N, classes) float32
 
-    def observe(self) -> None:
+    def observe(self, seconds: float) -> None:
+        """Into the metrics and the statistics, once answered; ``seconds`` from admission to answer."""
         for d in self.images:
             metrics.DECODE.observe(d.decode_s)
             metrics.PREPROCESS.observe(d.preprocess_s)
         for r in self.results:
             metrics.QUEUE_WAIT.observe(r.queue_s)
+        stats = metrics.STATISTICS
+        stats.success.add(seconds)
+        stats.queue.add(max(r.queue_s for r in self.results))
+        stats.compute_input.add(sum(d.decode_s + d.preprocess_s for d in self.images))
+        stats.compute_infer.add(max(r.infer_s for r in self.results))
 
     def server_timing(self, started: float) -> str:
         """The stages as a Server-Timing header (ms): decode and preprocess summed over images."""
@@ -226,6 +232,7 @@ async def guarded(state: ServiceState, gone: Awaitable[None] | None,
                   work: Coroutine[Any, Any, Classification]) -> Classification:
     """Run ``work`` within the request deadline (``DeadlineExceeded``), and abandon it, dropping its queued
     images, if ``gone`` resolves first (``ClientGone``)."""
+    started = time.perf_counter()
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(gone) if gone is not None else None
     try:
@@ -233,18 +240,28 @@ async def guarded(state: ServiceState, gone: Awaitable[None] | None,
             {task} if watcher is None else {task, watcher}, timeout=state.settings.request_timeout_ms / 1000,
             return_when=asyncio.FIRST_COMPLETED,
         )
+    except asyncio.CancelledError:
+        task.cancel()  # the door itself was cancelled (e.g. gRPC, when its client cancels): drop the queued images
+        metrics.STATISTICS.fail.add(time.perf_counter() - started)
+        raise
     finally:
         if watcher is not None:
             watcher.cancel()
     if task in done:
-        classification = task.result()
-        classification.observe()
+        try:
+            classification = task.result()
+        except BaseException:
+            metrics.STATISTICS.fail.add(time.perf_counter() - started)
+            raise
+        classification.observe(time.perf_counter() - started)
         return classification
     task.cancel()
     try:
         await task  # let a queue reservation release and surface errors raised before the cut-off
     except asyncio.CancelledError:
         pass
+    finally:
+        metrics.STATISTICS.fail.add(time.perf_counter() - started)
     if watcher is not None and watcher in done:
         raise ClientGone()
     raise DeadlineExceeded()

@@ -73,7 +73,11 @@ class UnsupportedMediaType(ServiceError):
 
 
 class UnsupportedContentEncoding(ServiceError):
-    detail = "unsupported Content-Encoding: send the body uncompressed"
+    detail = "unsupported Content-Encoding: send gzip, deflate or identity"
+
+
+class MalformedEncoding(ServiceError):
+    detail = "the body does not inflate: malformed or truncated gzip/deflate data"
 
 
 class QueueFull(ServiceError):

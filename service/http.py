@@ -10,6 +10,7 @@ import logging
 import math
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from typing import Annotated
 
@@ -35,6 +36,7 @@ HTTP_STATUS: dict[type[errors.ServiceError], int] = {
     errors.NoImages: 400,
     errors.InvalidMultipart: 400,
     errors.InvalidInferenceRequest: 400,
+    errors.MalformedEncoding: 400,
     errors.Unauthorized: 401,
     errors.AdminDisabled: 403,
     errors.UnknownModel: 404,
@@ -133,17 +135,25 @@ Admin = Annotated[None, Depends(require_admin)]
 # --- bodies and clients -----------------------------------------------------------------------------------------
 
 
+# zlib's window bits for each Content-Encoding we inflate: gzip's header, and deflate as RFC 9110 means it (the
+# zlib format; 32 also takes a gzip header, which some clients send under that name).
+ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": 32 + zlib.MAX_WBITS}
+
+
 async def read_body(receive: Receive, headers: Headers, settings: Settings) -> bytes:
     """The whole body, within the limits every HTTP door shares: ``PayloadTooLarge`` as soon as it passes
     ``max_upload_bytes`` (never buffered beyond it), ``BodyTimeout`` if it takes longer than ``body_timeout_s``
-    (a client trickling bytes holds no slot for long), and no ``Content-Encoding`` but identity."""
-    if headers.get("content-encoding", "identity").strip().lower() != "identity":
+    (a client trickling bytes holds no slot for long). A gzip or deflate body is inflated as it arrives, and the
+    limit holds for the inflated bytes: a bomb stops at the limit, having cost that much memory and no more."""
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity" and encoding not in ENCODINGS:
         raise errors.UnsupportedContentEncoding()
+    inflater = zlib.decompressobj(ENCODINGS[encoding]) if encoding in ENCODINGS else None
     limit = settings.max_upload_bytes
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise errors.PayloadTooLarge()
-    chunks, size = [], 0
+    chunks, received, size = [], 0, 0
     try:
         async with asyncio.timeout(settings.body_timeout_s):
             while True:
@@ -151,6 +161,11 @@ async def read_body(receive: Receive, headers: Headers, settings: Settings) -> b
                 if message["type"] == "http.disconnect":
                     raise ClientDisconnect()
                 chunk = message.get("body", b"")
+                received += len(chunk)
+                if received > limit:
+                    raise errors.PayloadTooLarge()
+                if inflater is not None:
+                    chunk = inflate(inflater, chunk, limit - size)
                 size += len(chunk)
                 if size > limit:
                     raise errors.PayloadTooLarge()
@@ -159,7 +174,20 @@ async def read_body(receive: Receive, headers: Headers, settings: Settings) -> b
                     break
     except TimeoutError as e:
         raise errors.BodyTimeout() from e
+    if inflater is not None and received and (not inflater.eof or inflater.unused_data):
+        raise errors.MalformedEncoding()
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def inflate(inflater: zlib._Decompress, chunk: bytes, room: int) -> bytes:
+    """``chunk`` inflated, but never more than ``room`` + 1 bytes (one past is enough to know it is too large)."""
+    try:
+        out = inflater.decompress(chunk, room + 1)
+    except zlib.error as e:
+        raise errors.MalformedEncoding() from e
+    if inflater.unconsumed_tail:  # more output is waiting than there is room for
+        raise errors.PayloadTooLarge()
+    return out
 
 
 async def disconnected(receive: Receive) -> None:

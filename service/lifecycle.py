@@ -73,6 +73,19 @@ def _drain_on_stop_signals(state: ServiceState) -> None:
         signal.signal(sig, handler)
 
 
+async def _start_grpc(state: ServiceState, version: str):
+    """The gRPC door in this event loop, sharing the state (None when ``grpc_port`` is 0). Imported here, so a
+    service without it never loads grpc."""
+    if not state.settings.grpc_port:
+        return None
+    from service.grpc_door import build_server
+
+    server = build_server(state, version)
+    await server.start()
+    log.info("gRPC on %s:%d", state.settings.host, state.settings.grpc_port)
+    return server
+
+
 def lifespan(settings: Settings, load_model: Callable[[Settings], Model]):
     """The ASGI lifespan: ``app.state.service`` holds the ``ServiceState`` while the app runs."""
 
@@ -91,15 +104,22 @@ def lifespan(settings: Settings, load_model: Callable[[Settings], Model]):
         state.batcher = batcher
         # Load in the background: the process answers liveness (and a 503 readiness) while it loads.
         loader = asyncio.create_task(state.load(), name="model-load")
+        grpc_server = None
         try:
             if settings.workers > 1:
                 # A worker listens only after the lifespan's startup: waiting here for the model means the kernel
                 # sends it no connection until it is ready (service.supervisor).
                 await asyncio.shield(loader)
+            # After that wait, as the HTTP door (workers share the gRPC port too); a taken port fails the start.
+            grpc_server = await _start_grpc(state, app.version)
             yield
         finally:
             undo_sighup()
             state.begin_drain()
+            if grpc_server is not None:
+                # Calls in flight finish (up to drain_timeout_s), new ones are refused; the HTTP server has
+                # already drained its own before running this exit.
+                await grpc_server.stop(settings.drain_timeout_s)
             loader.cancel()
             await batcher.stop()
             state.decode_pool.shutdown(wait=False, cancel_futures=True)

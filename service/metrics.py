@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -23,12 +25,58 @@ IMAGES = Counter("predict_images", "Images classified")
 # A gauge, not an Info: Info does not aggregate over worker processes. 1 for each model some worker serves.
 MODEL_INFO = Gauge("model_info", "The model being served", ["name", "version", "provider"], multiprocess_mode="max")
 MODEL_LOADS = Counter("model_loads", "Model load attempts", ["result"])
+GRPC_REQUESTS = Counter("grpc_requests", "gRPC calls answered", ["method", "code"])
+GRPC_LATENCY = Histogram("grpc_request_duration_seconds", "Time to answer a gRPC call", ["method"],
+                         buckets=STAGE_BUCKETS)
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0  # summed over count
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.ns += round(seconds * 1e9)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass
+class InferenceStatistics:
+    """The figures of Triton's statistics extension, since the process started, from what the core and the
+    batcher already measure. Updated on the event loop only."""
+
+    inference_count: int = 0  # images classified
+    execution_count: int = 0  # batches run
+    last_inference_ms: int = 0  # ms since the epoch
+    success: Duration = field(default_factory=Duration)  # per request: admitted to answered
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)  # per request: its longest-waiting image
+    compute_input: Duration = field(default_factory=Duration)  # per request: decode and preprocess, summed
+    compute_infer: Duration = field(default_factory=Duration)  # per request: its batch's session.run
+    batches: dict[int, Duration] = field(default_factory=dict)  # session.run time by batch size
+
+    def durations(self) -> dict[str, Duration]:
+        return {"success": self.success, "fail": self.fail, "queue": self.queue,
+                "compute_input": self.compute_input, "compute_infer": self.compute_infer}
+
+    def batch(self, size: int, seconds: float) -> None:
+        self.batches.setdefault(size, Duration()).add(seconds)
+        self.execution_count += 1
+        self.inference_count += size
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+
+STATISTICS = InferenceStatistics()
 
 
 def observe_batch(size: int, seconds: float) -> None:
     BATCH_SIZE.observe(size)
     INFERENCE.observe(seconds)
     IMAGES.inc(size)
+    STATISTICS.batch(size, seconds)
 
 
 _served: list[tuple[str, str, str]] = []

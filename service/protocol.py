@@ -3,7 +3,8 @@ tensors (FP32 and BYTES, JSON or Triton's binary tensor data extension) and mode
 (``service.v2``) uses it, and any other door of the protocol can.
 
 Specs: kserve/open-inference-protocol ``specification/protocol/inference_rest.md``;
-triton-inference-server/server ``docs/protocol/extension_binary_data.md``.
+triton-inference-server/server ``docs/protocol/extension_binary_data.md``, ``extension_classification.md``,
+``extension_model_repository.md``, ``extension_model_configuration.md``, ``extension_statistics.md``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import binascii
 import json
 import math
 import struct
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -20,16 +22,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from contract import LOGITS, OUTPUT_NAMES, PROBABILITIES, ModelSpec
 from service.errors import InvalidInferenceRequest
+from service.metrics import InferenceStatistics
 from service.runtime import softmax
+from service.settings import Settings
 
 SERVER_NAME = "resnet-serve"
 PLATFORM = "onnxruntime_onnx"  # the platform string Triton gives an ONNX model run by onnxruntime
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration", "statistics"]
 OUTPUTS = OUTPUT_NAMES  # probabilities: runtime.softmax of the logits, as /predict computes them
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Parameters that ask for a feature this server lacks. Ignoring them would answer a different question
-# (raw tensors where top-k classes were asked for, or data in the body where shared memory was named).
-UNSUPPORTED = {"classification": "the classification extension", "shared_memory_region": "shared memory"}
+# (data in the body where shared memory was named).
+UNSUPPORTED = {"shared_memory_region": "shared memory"}
 
 
 # --- request and response bodies ------------------------------------------------------------------------------------
@@ -47,6 +51,8 @@ class InputParameters(Parameters):
 
 class OutputParameters(Parameters):
     binary_data: bool | None = Field(None, description="return this output as binary data")
+    classification: int | None = Field(None, ge=0, description="the top k classes as BYTES '<value>:<index>:<label>'"
+                                                               " instead of the tensor (0: the tensor)")
 
 
 class RequestParameters(Parameters):
@@ -98,7 +104,8 @@ class ResponseOutput(BaseModel):
     shape: list[int]
     datatype: str
     parameters: dict[str, int] | None = Field(None, description="binary_data_size when sent as binary data")
-    data: list[float] | None = Field(None, description="row-major, flat")
+    data: list[float] | list[str] | None = Field(None, description="row-major, flat; BYTES (classification) as "
+                                                                   "'<value>:<index>:<label>' strings")
 
 
 class InferenceResponse(BaseModel):
@@ -143,9 +150,21 @@ def parse_header(header: bytes) -> InferenceRequest:
     try:
         return InferenceRequest.model_validate_json(header)
     except ValidationError as e:
-        first = e.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(p) for p in first["loc"]) or "request"
-        raise InvalidInferenceRequest(f"invalid {where}: {first['msg']}") from e
+        raise invalid_request(e) from e
+
+
+def validate_request(fields: dict[str, Any]) -> InferenceRequest:
+    """A request another transport has already decoded (e.g. gRPC's protobuf), checked as a JSON one is."""
+    try:
+        return InferenceRequest.model_validate(fields)
+    except ValidationError as e:
+        raise invalid_request(e) from e
+
+
+def invalid_request(e: ValidationError) -> InvalidInferenceRequest:
+    first = e.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(p) for p in first["loc"]) or "request"
+    return InvalidInferenceRequest(f"invalid {where}: {first['msg']}")
 
 
 def refuse_unsupported(parameters: Parameters, where: str) -> None:
@@ -248,39 +267,87 @@ def base64_element(value: object, where: str) -> bytes:
     raise InvalidInferenceRequest(f"{where}: BYTES data in JSON must be base64 strings of encoded images")
 
 
-def requested_outputs(req: InferenceRequest) -> list[tuple[str, bool]]:
-    """(name, as binary data) per output to return, in the order asked."""
+@dataclass(frozen=True)
+class Wanted:
+    """An output to return: as binary data or not, and as its top ``class_count`` classes or the tensor."""
+
+    name: str
+    binary: bool
+    class_count: int = 0
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    datatype: str  # FP32, or BYTES for classification
+    shape: list[int]
+    values: np.ndarray | list[bytes]  # float32 (N, classes), or the BYTES elements row-major
+
+
+def requested_outputs(req: InferenceRequest) -> list[Wanted]:
+    """The outputs to return, in the order asked."""
     default = req.parameters.binary_data_output
     if not req.outputs:
-        return [(name, default) for name in OUTPUTS]
+        return [Wanted(name, default) for name in OUTPUTS]
     wanted = []
     for out in req.outputs:
         if out.name not in OUTPUTS:
             raise InvalidInferenceRequest(f"unknown output {out.name!r}: the model gives {', '.join(OUTPUTS)}")
         refuse_unsupported(out.parameters, f"output {out.name!r}")
-        wanted.append((out.name, default if out.parameters.binary_data is None else out.parameters.binary_data))
+        binary = default if out.parameters.binary_data is None else out.parameters.binary_data
+        wanted.append(Wanted(out.name, binary, out.parameters.classification or 0))
     return wanted
 
 
-# --- the answer ---------------------------------------------------------------------------------------------
-
-
-def encode_response(req: InferenceRequest, spec: ModelSpec, logits: np.ndarray, wanted: list[tuple[str, bool]]
-                    ) -> tuple[bytes, list[bytes]]:
-    """The response's JSON header and the binary tensors that follow it (empty when every output is JSON)."""
+def output_tensors(spec: ModelSpec, logits: np.ndarray, wanted: list[Wanted]) -> list[OutputTensor]:
+    """The answer's tensors, whatever the transport: logits, probabilities, or their top classes."""
     if not np.isfinite(logits).all():  # e.g. finite inputs near float32's limit; JSON could not carry the answer
         raise InvalidInferenceRequest("the model's output for this input is not finite")
     tensors = {LOGITS: logits, PROBABILITIES: softmax(logits).astype(np.float32)}
+    out = []
+    for w in wanted:
+        tensor = tensors[w.name]
+        if w.class_count:
+            k = min(w.class_count, tensor.shape[1])
+            out.append(OutputTensor(w.name, "BYTES", [len(tensor), k], classes(tensor, k, spec.labels)))
+        else:
+            out.append(OutputTensor(w.name, "FP32", list(tensor.shape), tensor))
+    return out
+
+
+def classes(tensor: np.ndarray, k: int, labels: list[str]) -> list[bytes]:
+    """Triton's classification extension: per row, the k largest values as ``<value>:<index>:<label>``,
+    largest first (``%f``, as Triton prints the value)."""
+    top = np.argsort(-tensor, axis=1, kind="stable")[:, :k]  # (N, k)
+    return [f"{row[i]:f}:{i}:{labels[i]}".encode() for row, idx in zip(tensor, top, strict=True) for i in idx]
+
+
+def bytes_elements(elements: list[bytes]) -> bytes:
+    """BYTES elements as binary data: each a 4-byte little-endian length and that many bytes."""
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def raw_contents(tensor: OutputTensor) -> bytes:
+    """A tensor's binary data (the binary extension's blob, gRPC's raw_output_contents)."""
+    if tensor.datatype == "BYTES":
+        return bytes_elements(tensor.values)
+    return tensor.values.astype("<f4").tobytes()
+
+
+def encode_response(req: InferenceRequest, spec: ModelSpec, logits: np.ndarray, wanted: list[Wanted]
+                    ) -> tuple[bytes, list[bytes]]:
+    """The response's JSON header and the binary tensors that follow it (empty when every output is JSON)."""
     outputs, blobs = [], []
-    for name, binary in wanted:
-        tensor = tensors[name]
-        out: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(tensor.shape)}
-        if binary:
-            blob = tensor.astype("<f4").tobytes()
+    for w, tensor in zip(wanted, output_tensors(spec, logits, wanted), strict=True):
+        out: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
+        if w.binary:
+            blob = raw_contents(tensor)
             out["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
+        elif tensor.datatype == "BYTES":
+            out["data"] = [e.decode() for e in tensor.values]
         else:
-            out["data"] = tensor.ravel().tolist()
+            out["data"] = tensor.values.ravel().tolist()
         outputs.append(out)
     body = {"model_name": spec.name, "model_version": spec.version, **({} if req.id is None else {"id": req.id}),
             "outputs": outputs}
@@ -294,3 +361,50 @@ def model_metadata_of(spec: ModelSpec) -> ModelMetadata:
         inputs=[TensorMetadata(name=spec.input_name, datatype="FP32", shape=spec.input_shape)],
         outputs=[TensorMetadata(name=name, datatype="FP32", shape=classes) for name in OUTPUTS],
     )
+
+
+# --- Triton's extensions: repository index, model configuration, statistics ---------------------------------------
+# Plain dicts in the JSON shape Triton gives (proto field names): the REST door returns them as they are, the
+# gRPC door parses them into its messages (google.protobuf.json_format), so both doors say the same.
+
+REPOSITORY_STATE = {"ready": "READY", "loading": "LOADING", "failed": "UNAVAILABLE", "draining": "UNAVAILABLE"}
+
+
+def repository_index_of(spec: ModelSpec | None, status: str, reason: str | None, ready_only: bool
+                        ) -> list[dict[str, str]]:
+    """The one model of this server's repository, with its state (nothing while it has never loaded)."""
+    if spec is None or (ready_only and status != "ready"):
+        return []
+    entry = {"name": spec.name, "version": spec.version, "state": REPOSITORY_STATE.get(status, "UNAVAILABLE")}
+    return [entry | ({"reason": reason} if reason and status != "ready" else {})]
+
+
+def model_config_of(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
+    """What Triton's tools read from a model configuration: the batch limit, the tensors without the batch axis,
+    and the dynamic batcher's settings."""
+    classes = [len(spec.labels)]
+    return {
+        "name": spec.name,
+        "platform": PLATFORM,
+        "backend": "onnxruntime",
+        "max_batch_size": settings.max_batch_size,
+        "input": [{"name": spec.input_name, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW",
+                   "dims": [spec.channels, *spec.input_size]}],
+        "output": [{"name": name, "data_type": "TYPE_FP32", "dims": classes} for name in OUTPUTS],
+        "dynamic_batching": {"preferred_batch_size": [settings.max_batch_size],
+                             "max_queue_delay_microseconds": round(settings.max_batch_delay_ms * 1000)},
+    }
+
+
+def model_statistics_of(spec: ModelSpec, stats: InferenceStatistics) -> dict[str, Any]:
+    """Triton's statistics for the served model since the process started (durations in ns)."""
+    return {"model_stats": [{
+        "name": spec.name,
+        "version": spec.version,
+        "last_inference": stats.last_inference_ms,
+        "inference_count": stats.inference_count,
+        "execution_count": stats.execution_count,
+        "inference_stats": {name: d.as_dict() for name, d in stats.durations().items()},
+        "batch_stats": [{"batch_size": size, "compute_infer": d.as_dict()}
+                        for size, d in sorted(stats.batches.items())],
+    }]}

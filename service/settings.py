@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     # HTTP server
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(8001, ge=0, le=65535, description="the Open Inference Protocol over gRPC (0: off)")
     workers: int = Field(1, ge=1, le=64, description="worker processes, each with its own session (service.supervisor)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")

@@ -1,6 +1,9 @@
 """The Open Inference Protocol (KServe V2) over HTTP/REST, with Triton's binary tensor data extension, so
 Triton's and KServe's clients and tools work against this service.
 
+With Triton's extensions its clients call: classification (``class_count``), the model repository index, model
+configuration and statistics.
+
 Another door into ``service.core``, not a second implementation: FP32 tensors go through ``classify_tensors``,
 BYTES tensors of encoded images through ``classify_images`` (decoded and preprocessed exactly as for
 ``/predict``), under the same limits, micro-batcher, deadlines and API keys (with keys set, everything but health
@@ -14,11 +17,13 @@ import time
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Body, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import StrictBool
 from starlette.routing import Match
 
+from service import metrics
 from service.core import Pipeline, classify_images, classify_tensors
 from service.errors import UnknownModel
 from service.http import Authorized, State, disconnected, door_route, read_body
@@ -34,9 +39,12 @@ from service.protocol import (
     ServerReady,
     V2Error,
     encode_response,
+    model_config_of,
     model_metadata_of,
+    model_statistics_of,
     parse_header,
     read_input,
+    repository_index_of,
     requested_outputs,
     split_body,
 )
@@ -97,6 +105,20 @@ async def server_ready(state: State) -> Response:
     return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 503)
 
 
+@router.post("/repository/index")
+async def repository_index(state: State, _: Authorized, ready: Annotated[StrictBool, Body(embed=True)] = False
+                           ) -> list[dict[str, str]]:
+    """Triton's model repository index: the one model, its version and state (READY once it serves)."""
+    spec = state.serving.model.spec if state.serving else None
+    return repository_index_of(spec, state.status, state.reason, ready)
+
+
+@router.get("/models/stats")
+async def all_statistics(state: State, _: Authorized) -> dict:
+    """Triton's statistics for every model (here the one)."""
+    return model_statistics_of(state.require_ready().model.spec, metrics.STATISTICS)
+
+
 @router.get("/models/{name}", response_model=ModelMetadata)
 @router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, dependencies=VERSIONED)
 async def model_metadata(serving: Served) -> ModelMetadata:
@@ -109,6 +131,21 @@ async def model_metadata(serving: Served) -> ModelMetadata:
 async def model_ready(serving: Served) -> ModelReady:
     """Model readiness: 200 when this model is served and warmed up, 503 before, 404 for another model."""
     return ModelReady(name=serving.model.spec.name, ready=True)
+
+
+@router.get("/models/{name}/config")
+@router.get("/models/{name}/versions/{version}/config", dependencies=VERSIONED)
+async def model_config(state: State, serving: Served) -> dict:
+    """Triton's model configuration: max_batch_size, the tensors (without the batch axis), dynamic batching."""
+    return model_config_of(serving.model.spec, state.settings)
+
+
+@router.get("/models/{name}/stats")
+@router.get("/models/{name}/versions/{version}/stats", dependencies=VERSIONED)
+async def model_statistics(serving: Served) -> dict:
+    """Triton's statistics since start: inference and execution counts, success/fail, queue and compute time,
+    per batch size."""
+    return model_statistics_of(serving.model.spec, metrics.STATISTICS)
 
 
 @router.post("/models/{name}/infer", response_model=InferenceResponse, openapi_extra=INFER_BODY)

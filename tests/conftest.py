@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,10 @@ import pytest
 from PIL import Image
 
 from bench.harness import Server, start_service
+
+# Apps and servers the tests start leave the gRPC door off unless a test asks for it (with a free port): the
+# default 8001 would be shared by every app in the run and by other runs on the machine.
+os.environ.setdefault("RESNET_GRPC_PORT", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "default.onnx"

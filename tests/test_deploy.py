@@ -113,6 +113,19 @@ def test_compose_serves_the_model_the_image_holds():
     assert (ROOT / "models" / "default.onnx").is_file()
 
 
+def test_dockerfile_exposes_http_and_grpc():
+    text = DOCKERFILE.read_text()
+    assert "EXPOSE 8000 8001" in text.splitlines()
+    assert "RESNET_GRPC_PORT=8001" in text
+
+
+@pytest.mark.parametrize("files", [pytest.param(CPU, id="cpu"), pytest.param(GPU, id="gpu")])
+def test_compose_publishes_http_and_grpc(files):
+    api = compose_config(files)["services"]["api"]
+    assert sorted(p["target"] for p in api["ports"]) == [8000, 8001], api["ports"]
+    assert api["environment"]["RESNET_GRPC_PORT"] == "8001", api["environment"]
+
+
 @pytest.mark.parametrize("files", [pytest.param(CPU, id="cpu"), pytest.param(GPU, id="gpu")])
 def test_compose_stop_grace_period_exceeds_drain_timeout(files):
     api = compose_config(files)["services"]["api"]
@@ -203,13 +216,25 @@ def test_k8s_service_hpa_and_pdb_select_the_deployment(kustomization):
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_service_names_a_grpc_port_the_container_serves(kustomization):
+    m = render(kustomization)
+    container = m["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    (grpc_port,) = [p for p in m["Service"]["spec"]["ports"] if p["name"] == "grpc"]
+    assert grpc_port["appProtocol"] == "grpc", grpc_port
+    assert ports[grpc_port["targetPort"]] == int(env["RESNET_GRPC_PORT"]) == 8001, (ports, env)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_k8s_probes_use_health_endpoints_and_grace_covers_drain(kustomization):
     pod = render(kustomization)["Deployment"]["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    probes = {k: container[k]["httpGet"]["path"] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
-    assert probes == {"startupProbe": "/health/ready", "livenessProbe": "/health/live",
-                      "readinessProbe": "/health/ready"}, probes
+    probes = {k: container[k]["httpGet"]["path"] for k in ("startupProbe", "livenessProbe")}
+    assert probes == {"startupProbe": "/health/ready", "livenessProbe": "/health/live"}, probes
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    # readiness through grpc.health.v1, which is NOT_SERVING exactly when /health/ready is 503 (tests/test_grpc.py)
+    assert container["readinessProbe"]["grpc"] == {"port": int(env["RESNET_GRPC_PORT"])}, container["readinessProbe"]
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep", pre_stop
     needed = float(pre_stop[1]) + float(env["RESNET_DRAIN_TIMEOUT_S"])
@@ -248,11 +273,13 @@ class Stack:
         self.project = f"resnet-serve-test-{os.getpid()}"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc = f"127.0.0.1:{free_port()}"
         ca_bundle = Path("/etc/ssl/certs/ca-certificates.crt")
         self.env = {
             **os.environ,
             "API_BIND": "127.0.0.1",
             "API_PORT": str(self.port),
+            "GRPC_PORT": self.grpc.rsplit(":", 1)[1],
             "TAG": self.project,  # never touches an image the user built
             # pip inside the build trusts what the host trusts (TLS-intercepting proxies re-sign PyPI).
             "BUILD_CA_BUNDLE": os.environ.get("BUILD_CA_BUNDLE") or (str(ca_bundle) if ca_bundle.is_file() else ""),
@@ -301,6 +328,20 @@ def test_predict_through_published_port_classifies_digit_images(stack):
             assert prediction["top_k"][0]["label"] == str(label), r.text
             assert len(prediction["probabilities"]) == 10, r.text
             assert abs(sum(prediction["probabilities"]) - 1) < 1e-4, r.text
+
+
+def test_grpc_infer_through_published_port(stack):
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    client = triton.InferenceServerClient(stack.grpc)
+    assert client.is_server_ready()
+    images = [encode(img, "PNG") for img, _ in one_per_class()]
+    inp = triton.InferInput("input", [len(images)], "BYTES")
+    inp.set_data_from_numpy(np.array(images, dtype=np.object_))
+    probabilities = client.infer("default", [inp]).as_numpy("probabilities")
+    assert list(probabilities.argmax(axis=1)) == [label for _, label in one_per_class()]
+    client.close()
 
 
 def test_container_reports_healthy_unprivileged_and_read_only(stack):

@@ -21,6 +21,7 @@ from bench.harness import Server, serve_service, wait_ready
 from contract import ModelSpec
 from service.app import create_app
 from service.preprocessing import Preprocessor
+from service.protocol import EXTENSIONS
 from service.runtime import Model, softmax
 from service.settings import Settings
 from tests.conftest import loading_after, loading_as
@@ -81,7 +82,7 @@ def test_server_health_and_metadata_via_tritonclient(client):
     assert client.is_server_live()
     assert client.is_server_ready()
     assert client.get_server_metadata() == {"name": "resnet-serve", "version": "0.1.0",
-                                            "extensions": ["binary_tensor_data"]}
+                                            "extensions": EXTENSIONS}
 
 
 @pytest.mark.parametrize(
@@ -246,7 +247,7 @@ def test_infer_accepts_nested_json_data(http, spec, predicted):
         pytest.param("GET", "/v2/models/resnet", {}, 404, "unknown model 'resnet'", id="unknown-model-metadata"),
         pytest.param("GET", "/v2/models/default/versions/1", {}, 404, "unknown version '1' of model 'default'",
                      id="unknown-version-metadata"),
-        pytest.param("GET", "/v2/models/default/stats", {}, 404, "Not Found", id="unknown-path"),
+        pytest.param("GET", "/v2/models/default/trace/setting", {}, 404, "Not Found", id="unknown-path"),
         pytest.param("GET", INFER, {}, 405, "Method Not Allowed", id="infer-with-get"),
         pytest.param("POST", INFER, infer_request([binary(b"\0" * 4096)], b"\0" * 100), 400,
                      "input 'input' has binary_data_size 4096, but 100 bytes follow the JSON header",
@@ -313,12 +314,16 @@ def test_infer_accepts_nested_json_data(http, spec, predicted):
         pytest.param("POST", INFER, infer_request([tensor(data=[0.0] * 1024)], outputs=[{"name": "embedding"}]), 400,
                      "unknown output 'embedding': the model gives logits, probabilities", id="unknown-output"),
         pytest.param("POST", INFER, infer_request([tensor(data=[0.0] * 1024)],
-                                                  outputs=[{"name": "logits", "parameters": {"classification": 3}}]),
-                     400, "output 'logits': the classification extension ('classification') is not supported",
-                     id="classification-extension"),
+                                                  outputs=[{"name": "logits", "parameters": {"classification": -1}}]),
+                     400, "invalid outputs.0.parameters.classification: Input should be greater than or equal to 0",
+                     id="classification-negative"),
+        pytest.param("POST", INFER, {"content": json.dumps({"inputs": [tensor(data=[0.0] * 1024)]}).encode(),
+                                     "headers": {"content-encoding": "br"}},
+                     415, "unsupported Content-Encoding: send gzip, deflate or identity", id="brotli-body"),
         pytest.param("POST", INFER, {"content": gzip.compress(json.dumps({"inputs": [tensor(data=[0.0] * 1024)]})
-                                                              .encode()), "headers": {"content-encoding": "gzip"}},
-                     415, "unsupported Content-Encoding: send the body uncompressed", id="gzip-body"),
+                                                              .encode())[:-12],
+                                     "headers": {"content-encoding": "gzip"}},
+                     400, "the body does not inflate: malformed or truncated gzip/deflate data", id="gzip-truncated"),
     ],
 )
 def test_bad_request_gets_v2_error_and_service_keeps_serving(http, method, path, request_kwargs, status, error):
