@@ -20,6 +20,7 @@ from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors, metrics
@@ -142,7 +143,7 @@ async def read_body(receive: Receive, headers: Headers, settings: Settings) -> b
     limit = settings.max_upload_bytes
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise errors.PayloadTooLarge()
+        raise errors.PayloadTooLarge(limit)
     chunks, size = [], 0
     try:
         async with asyncio.timeout(settings.body_timeout_s):
@@ -153,7 +154,7 @@ async def read_body(receive: Receive, headers: Headers, settings: Settings) -> b
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
-                    raise errors.PayloadTooLarge()
+                    raise errors.PayloadTooLarge(limit)
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     break
@@ -180,6 +181,23 @@ class RequestMetrics:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self.templates: dict[int, str] = {}  # id of an endpoint -> its route's path template
+
+    def template(self, scope: Scope) -> str:
+        """The route template the request matched. FastAPI puts the route in the scope only for its own
+        APIRoutes; /docs, /openapi.json and mounts (/static) are Starlette routes, known by their endpoint."""
+        route = scope.get("route")
+        if route is not None:
+            return route.path
+        endpoint = scope.get("endpoint")
+        if endpoint is None:
+            return "unmatched"
+        if id(endpoint) not in self.templates:
+            for candidate in scope["app"].router.routes:
+                if isinstance(candidate, Route | Mount):
+                    target = candidate.endpoint if isinstance(candidate, Route) else candidate.app
+                    self.templates[id(target)] = candidate.path
+        return self.templates.get(id(endpoint), "unmatched")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -197,8 +215,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
+            template = self.template(scope)
             metrics.REQUESTS.labels(template, scope["method"], str(status)).inc()
             metrics.REQUEST_LATENCY.labels(template).observe(time.perf_counter() - start)
 
