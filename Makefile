@@ -2,8 +2,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-HOST ?= 0.0.0.0
-PORT ?= 8000
 PYTEST_ARGS ?=
 
 .PHONY: run test install-train model lint bench soak clean proto
@@ -25,8 +23,11 @@ $(VENV)/.dev: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[cpu,train,dev]'
 	touch $@ $(VENV)/.serve $(VENV)/.train
 
+# Listens on every interface unless the environment says otherwise; every other setting (RESNET_PORT included)
+# comes from the environment or make's command line, as for `python -m service`.
+run: export RESNET_HOST ?= 0.0.0.0
 run: $(VENV)/.serve
-	RESNET_HOST=$(HOST) RESNET_PORT=$(PORT) $(PY) -m service
+	$(PY) -m service
 
 test: $(VENV)/.dev
 	$(PY) -m pytest $(PYTEST_ARGS)

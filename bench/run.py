@@ -45,6 +45,8 @@ PEERS_DIR = ROOT.parent / "shared" / "peers"  # TorchServe, set up as its docs r
 VARIANTS = {"batching_off": {"RESNET_MAX_BATCH_SIZE": "1"},
             "batching_on_w2": {"RESNET_WORKERS": "2", "RESNET_INTRA_OP_THREADS": "1", "RESNET_DECODE_THREADS": "1"},
             "batching_on_nospin": {"RESNET_ORT_SPINNING": "false"},
+            # The access log's cost (on by default): the same server without it.
+            "batching_on_noaccesslog": {"RESNET_ACCESS_LOG": "false"},
             # GPU hosts have the cores: 4 processes decode in parallel and share the one GPU.
             "batching_on_w4": {"RESNET_WORKERS": "4", "RESNET_DECODE_THREADS": "4"},
             # onnxruntime's CPU pool idle: on CUDA it only runs the few CPU nodes, and spinning threads steal cores.

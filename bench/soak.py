@@ -91,8 +91,9 @@ def start_server(log: Path) -> Server:
 def batch_counts(url: str) -> tuple[float, float]:
     """(images, batches) the server's micro-batcher has run so far, from /metrics."""
     text = httpx.get(url + "/metrics", timeout=10).text
-    values = dict(line.split(" ") for line in text.splitlines() if line.startswith("predict_batch_size_"))
-    return float(values.get("predict_batch_size_sum", 0)), float(values.get("predict_batch_size_count", 0))
+    name = "resnet_serve_predict_batch_size"
+    values = dict(line.split(" ") for line in text.splitlines() if line.startswith(name + "_"))
+    return float(values.get(name + "_sum", 0)), float(values.get(name + "_count", 0))
 
 
 def process_sample(pid: int) -> dict[str, int]:

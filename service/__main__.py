@@ -17,6 +17,9 @@ from service.settings import Settings
 
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.access_log:
+        # Its own switch (RESNET_ACCESS_LOG): a quieter RESNET_LOG_LEVEL does not silence it.
+        logging.getLogger("service.access").setLevel(logging.INFO)
 
 
 def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
@@ -24,7 +27,8 @@ def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -
     keep_clean_exit_after_drain()
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.drain_timeout_s, access_log=settings.log_level == "debug",
+        # uvicorn's own access log is off: service.access_log writes one, with the status and the duration.
+        timeout_graceful_shutdown=settings.drain_timeout_s, access_log=False,
     )
     uvicorn.Server(config).run(sockets=sockets)
 

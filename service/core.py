@@ -21,8 +21,10 @@ from service.errors import (
     ClientGone,
     DeadlineExceeded,
     ModelLoadError,
+    ModelLoadFailed,
     ModelNotReady,
     ReloadFailed,
+    ServiceError,
     TooManyImages,
 )
 from service.preprocessing import INLINE_BYTES, ImageInput, Preprocessor
@@ -59,6 +61,8 @@ class ServiceState:
         return self.status == "ready"
 
     def require_ready(self) -> Pipeline:
+        if self.status == "failed":
+            raise ModelLoadFailed(self.reason or "unknown reason")
         if not self.ready or self.serving is None:
             raise ModelNotReady()
         return self.serving
@@ -171,7 +175,7 @@ def _admit(state: ServiceState, n: int) -> tuple[Pipeline, MicroBatcher]:
     """The checks every door shares before any work: ready, and within the per-request image limit."""
     pipeline, batcher = state.require_ready(), state.require_batcher()
     if n > state.settings.max_batch_images:
-        raise TooManyImages()
+        raise TooManyImages(state.settings.max_batch_images)
     return pipeline, batcher
 
 
@@ -195,16 +199,32 @@ async def classify_images(state: ServiceState, images: list[bytes], gone: Awaita
                 header = pre.open(data)  # header only: bad and oversized images are refused before decoding
                 decoded.append(pre.finish(header) if pre.inline(header)
                                else loop.run_in_executor(state.decode_pool, pre.finish, header))
+        except ServiceError as e:
+            cancel(decoded)
+            raise numbered(e, len(decoded)) from e.__cause__  # the image being opened when it failed
         except BaseException:
-            for d in decoded:  # a bad image fails the request: its siblings' results are not wanted
-                if isinstance(d, asyncio.Future):
-                    d.cancel()
+            cancel(decoded)
             raise
         pending = [d for d in decoded if isinstance(d, asyncio.Future)]
         if not pending:
             return decoded
-        done = iter(await asyncio.gather(*pending))
+        try:
+            done = iter(await asyncio.gather(*pending))
+        except ServiceError as e:
+            cancel(decoded)
+            failed = (i for i, d in enumerate(decoded)
+                      if isinstance(d, asyncio.Future) and d.done() and not d.cancelled() and d.exception() is e)
+            raise numbered(e, next(failed, None)) from e.__cause__
         return [next(done) if isinstance(d, asyncio.Future) else d for d in decoded]
+
+    def cancel(decoded: list[ImageInput | asyncio.Future]) -> None:
+        for d in decoded:  # a bad image fails the request: its siblings' results are not wanted
+            if isinstance(d, asyncio.Future):
+                d.cancel()
+
+    def numbered(e: ServiceError, index: int | None) -> ServiceError:
+        """Which image of several failed, 1-based, so a client can find it in its batch."""
+        return e.about(f"image {index + 1} of {len(images)}") if len(images) > 1 and index is not None else e
 
     async def decode_and_infer() -> Classification:
         with batcher.reserve(len(images)) as reservation:

@@ -15,6 +15,11 @@ class ServiceError(Exception):
         if detail is not None:
             self.detail = detail
 
+    def about(self, what: str) -> ServiceError:
+        """The same error, its message prefixed with what it is about (``"image 2 of 3: ..."``)."""
+        self.detail = f"{what}: {self.detail}"
+        return self
+
 
 class EmptyBody(ServiceError):
     detail = "empty body"
@@ -56,16 +61,28 @@ class ReloadFailed(ServiceError):
     detail = "reload failed; the previous model is still serving"
 
 
-class PayloadTooLarge(ServiceError):
+class OverLimit(ServiceError):
+    """A request past a limit: the message names the limit and the setting that raises it."""
+
+    limit_text = "limit {}"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"{self.detail}: {self.limit_text.format(limit)}")
+
+
+class PayloadTooLarge(OverLimit):
     detail = "body too large"
+    limit_text = "limit {} bytes (RESNET_MAX_UPLOAD_BYTES)"
 
 
-class ImageTooLarge(ServiceError):
+class ImageTooLarge(OverLimit):
     detail = "image has too many pixels"
+    limit_text = "limit {} (width x height, RESNET_MAX_IMAGE_PIXELS)"
 
 
-class TooManyImages(ServiceError):
+class TooManyImages(OverLimit):
     detail = "too many images in one request"
+    limit_text = "limit {} (RESNET_MAX_BATCH_IMAGES)"
 
 
 class UnsupportedMediaType(ServiceError):
@@ -90,6 +107,13 @@ class QueueFull(ServiceError):
 
 class ModelNotReady(ServiceError):
     detail = "model not ready"
+
+
+class ModelLoadFailed(ModelNotReady):
+    """The load failed: the reason is the one ``/health/ready`` gives (a ``ModelLoadError``'s message)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"model failed to load: {reason}")
 
 
 class DeadlineExceeded(ServiceError):

@@ -21,6 +21,7 @@ from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors, metrics
@@ -152,7 +153,7 @@ async def read_body(receive: Receive, headers: Headers, settings: Settings) -> b
     limit = settings.max_upload_bytes
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise errors.PayloadTooLarge()
+        raise errors.PayloadTooLarge(limit)
     chunks, received, size = [], 0, 0
     try:
         async with asyncio.timeout(settings.body_timeout_s):
@@ -163,12 +164,12 @@ async def read_body(receive: Receive, headers: Headers, settings: Settings) -> b
                 chunk = message.get("body", b"")
                 received += len(chunk)
                 if received > limit:
-                    raise errors.PayloadTooLarge()
+                    raise errors.PayloadTooLarge(limit)
                 if inflater is not None:
-                    chunk = inflate(inflater, chunk, limit - size)
+                    chunk = inflate(inflater, chunk, limit - size, limit)
                 size += len(chunk)
                 if size > limit:
-                    raise errors.PayloadTooLarge()
+                    raise errors.PayloadTooLarge(limit)
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     break
@@ -179,14 +180,14 @@ async def read_body(receive: Receive, headers: Headers, settings: Settings) -> b
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def inflate(inflater: zlib._Decompress, chunk: bytes, room: int) -> bytes:
+def inflate(inflater: zlib._Decompress, chunk: bytes, room: int, limit: int) -> bytes:
     """``chunk`` inflated, but never more than ``room`` + 1 bytes (one past is enough to know it is too large)."""
     try:
         out = inflater.decompress(chunk, room + 1)
     except zlib.error as e:
         raise errors.MalformedEncoding() from e
     if inflater.unconsumed_tail:  # more output is waiting than there is room for
-        raise errors.PayloadTooLarge()
+        raise errors.PayloadTooLarge(limit)
     return out
 
 
@@ -208,6 +209,23 @@ class RequestMetrics:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self.templates: dict[int, str] = {}  # id of an endpoint -> its route's path template
+
+    def template(self, scope: Scope) -> str:
+        """The route template the request matched. FastAPI puts the route in the scope only for its own
+        APIRoutes; /docs, /openapi.json and mounts (/static) are Starlette routes, known by their endpoint."""
+        route = scope.get("route")
+        if route is not None:
+            return route.path
+        endpoint = scope.get("endpoint")
+        if endpoint is None:
+            return "unmatched"
+        if id(endpoint) not in self.templates:
+            for candidate in scope["app"].router.routes:
+                if isinstance(candidate, Route | Mount):
+                    target = candidate.endpoint if isinstance(candidate, Route) else candidate.app
+                    self.templates[id(target)] = candidate.path
+        return self.templates.get(id(endpoint), "unmatched")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -225,8 +243,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
+            template = self.template(scope)
             metrics.REQUESTS.labels(template, scope["method"], str(status)).inc()
             metrics.REQUEST_LATENCY.labels(template).observe(time.perf_counter() - start)
 

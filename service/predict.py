@@ -72,7 +72,7 @@ async def read_images(receive: Receive, headers: Headers, settings: Settings) ->
         form = await parser.parse()
     except MultiPartException as e:
         # Starlette signals the file-count limit only through this message.
-        raise (TooManyImages() if "Too many files" in e.message else InvalidMultipart()) from e
+        raise (TooManyImages(settings.max_batch_images) if "Too many files" in e.message else InvalidMultipart()) from e
     try:
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:
@@ -80,8 +80,10 @@ async def read_images(receive: Receive, headers: Headers, settings: Settings) ->
         images = [await f.read() for f in files]
     finally:
         await form.close()
-    if any(not data for data in images):
-        raise EmptyBody("empty file part")
+    empty = next((i for i, data in enumerate(images) if not data), None)
+    if empty is not None:
+        error = EmptyBody("empty file part")
+        raise error.about(f"image {empty + 1} of {len(images)}") if len(images) > 1 else error
     return images
 
 

@@ -89,18 +89,18 @@ class Preprocessor:
         if data.startswith(ICO_MAGIC):
             pixels = icon_pixels(data)
             if pixels > self.max_pixels:
-                raise ImageTooLarge()
+                raise ImageTooLarge(self.max_pixels)
             if pixels > ICON_MAX_PIXELS:  # not an icon: and it would be decoded here, on the event loop
                 raise InvalidImage()
         try:
             img = Image.open(io.BytesIO(data), formats=FORMATS)
         except Image.DecompressionBombError as e:
-            raise ImageTooLarge() from e
+            raise ImageTooLarge(self.max_pixels) from e
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
             raise InvalidImage() from e
         w, h = img.size
         if w * h > self.max_pixels:  # from the header alone: nothing is allocated yet
-            raise ImageTooLarge()
+            raise ImageTooLarge(self.max_pixels)
         if w < 1 or h < 1:
             raise InvalidImage()
         return ImageHeader(img, time.perf_counter() - start)
@@ -115,7 +115,7 @@ class Preprocessor:
         try:
             img.load()
         except Image.DecompressionBombError as e:
-            raise ImageTooLarge() from e
+            raise ImageTooLarge(self.max_pixels) from e
         except Exception as e:  # noqa: BLE001 - a broken file can make any decoder raise anything
             raise InvalidImage() from e
         return img

@@ -21,14 +21,13 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-def read_spec(session: ort.InferenceSession, path: Path, digest: str, name: str | None) -> ModelSpec:
+def read_spec(session: ort.InferenceSession, path: Path, digest: str, name: str) -> ModelSpec:
     """The file's contract, checked (``contract.read_spec``); a violation keeps the model from loading."""
     meta = contract.decode_metadata(session.get_modelmeta().custom_metadata_map)
     inputs = [contract.Tensor(t.name, t.type, t.shape) for t in session.get_inputs()]
     outputs = [contract.Tensor(t.name, t.type, t.shape) for t in session.get_outputs()]
     try:
-        return contract.read_spec(meta, inputs, outputs, name=name or str(meta.get("name") or path.stem),
-                                  version=digest[:12])
+        return contract.read_spec(meta, inputs, outputs, name=name, version=digest[:12])
     except contract.ContractError as e:
         raise ModelLoadError(f"{e} ({path})") from e
 

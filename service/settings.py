@@ -26,7 +26,10 @@ class Settings(BaseSettings):
 
     # model
     model_path: Path = Field(DEFAULT_MODEL, description="ONNX file to serve; everything else is read from it")
-    model_name: str | None = Field(None, description="name in responses and URLs (default: the file's metadata)")
+    # The deployment names the model, not the file (as in KServe and Triton): a re-export or a hot reload of
+    # another file keeps the URL clients use; the file's own name stays in /model's metadata.
+    model_name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                            description="the model's name in responses and in the V2 URLs (/v2/models/<name>)")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA if it really works, else CPU; cuda: never ready without CUDA; cpu"
     )
@@ -44,6 +47,7 @@ class Settings(BaseSettings):
     grpc_port: int = Field(8001, ge=0, le=65535, description="the Open Inference Protocol over gRPC (0: off)")
     workers: int = Field(1, ge=1, le=64, description="worker processes, each with its own session (service.supervisor)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = Field(True, description="one line per request (client, method, path, status, duration)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")
     body_timeout_s: float = Field(30.0, gt=0, description="longest time a request body may take to arrive (408)")
     ui_enabled: bool = Field(True, description="serve the page at / that tries the model in a browser (off: 404)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -51,6 +52,17 @@ def live_server(tmp_path):
     yield start
     for s in servers:
         s.stop()
+
+
+def renamed_model(src: Path, dst: Path, name: str) -> None:
+    """The same network under another name in its metadata: other bytes, so another version."""
+    import onnx
+
+    proto = onnx.load(src)
+    for p in proto.metadata_props:
+        if p.key == "name":
+            p.value = json.dumps(name)
+    onnx.save(proto, dst)
 
 
 def loading_as(cls):

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
-import onnx
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
@@ -19,19 +16,11 @@ from pydantic import ValidationError
 from bench.harness import wait_ready
 from service.app import create_app
 from service.settings import Settings
+from tests.conftest import renamed_model
 from tests.images import encode, one_per_class
 
 KEY, OTHER_KEY = "k" * 20, "second-key-0123456789"
 PNG = encode(one_per_class()[3][0], "PNG")
-
-
-def renamed_model(src: Path, dst: Path, name: str) -> None:
-    """The same network under another name: other bytes, so another version."""
-    proto = onnx.load(src)
-    for p in proto.metadata_props:
-        if p.key == "name":
-            p.value = json.dumps(name)
-    onnx.save(proto, dst)
 
 
 @pytest.fixture
@@ -130,7 +119,9 @@ def test_admin_reload_swaps_model_under_load_without_failures(tmp_path, default_
             assert r.status_code == 200, r.text
             new = r.json()["model"]["version"]
             time.sleep(0.3)
-        assert new != old and r.json()["model"]["name"] == "renamed"
+        # The file's name is only its metadata: the service's name, the one in V2 URLs, stays (issue 16, point 11).
+        assert new != old and r.json()["model"]["name"] == "default"
+        assert c.get("/model", headers=auth).json()["metadata"]["name"] == "renamed"
         assert load.failures == [] and load.count > 5
         assert load.versions[0] == old and load.versions[-1] == new
         assert set(load.versions) == {old, new}
@@ -143,7 +134,7 @@ def test_admin_reload_of_bad_file_keeps_old_model(tmp_path, default_model):
     with TestClient(create_app(Settings(model_path=path, api_keys=[KEY]))) as c:
         wait_ready(c)
         old = c.get("/model", headers=auth).json()["version"]
-        failed_before = _metric(c, 'model_loads_total{result="failed"}')
+        failed_before = _metric(c, 'resnet_serve_model_loads_total{result="failed"}')
         path.write_bytes(b"definitely not onnx")
         r = c.post("/admin/reload", headers=auth)
         assert r.status_code == 409, r.text
@@ -152,7 +143,7 @@ def test_admin_reload_of_bad_file_keeps_old_model(tmp_path, default_model):
         assert r.status_code == 200, r.text
         assert r.json()["model"]["version"] == old
         assert c.get("/health/ready").status_code == 200
-        assert _metric(c, 'model_loads_total{result="failed"}') == failed_before + 1
+        assert _metric(c, 'resnet_serve_model_loads_total{result="failed"}') == failed_before + 1
 
 
 def _metric(client: TestClient, name: str) -> float:
@@ -178,7 +169,8 @@ def test_sighup_reloads_model_under_load_without_failures(live_server, tmp_path,
             time.sleep(0.2)
         assert server.proc.poll() is None, "SIGHUP must not stop the server"
         assert load.failures == []
-        assert load.versions[-1] != old and c.get("/model").json()["name"] == "after-sighup"
+        card = c.get("/model").json()
+        assert load.versions[-1] != old and (card["name"], card["metadata"]["name"]) == ("default", "after-sighup")
 
 
 def test_slow_body_cut_off_after_body_timeout(live_server):

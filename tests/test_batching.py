@@ -172,7 +172,8 @@ def test_concurrent_requests_get_their_own_probabilities(live_server, distinct_p
                 for r, want in zip(responses, alone, strict=True))
     assert worst <= 1e-6, worst
     text = httpx.get(server.url + "/metrics").text
-    count = float(next(x for x in text.splitlines() if x.startswith("predict_batch_size_count")).split()[-1])
+    count = float(next(x for x in text.splitlines()
+                       if x.startswith("resnet_serve_predict_batch_size_count")).split()[-1])
     assert count < len(distinct_pngs), "requests were batched together"
 
 

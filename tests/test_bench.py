@@ -93,7 +93,7 @@ def test_zero_cost_model_obeys_contract_and_serves_through_the_same_path(tmp_pat
         card = c.get("/model").json()
         answers = [c.post("/predict", content=encode(img, "PNG"), headers={"content-type": "image/png"})
                    for img in images]
-    assert card["name"] == "zero-cost" and card["labels"] == [str(d) for d in range(10)], card
+    assert card["metadata"]["name"] == "zero-cost" and card["labels"] == [str(d) for d in range(10)], card
     for r in answers:
         assert r.status_code == 200, r.text
         assert sum(r.json()["predictions"][0]["probabilities"]) == pytest.approx(1.0, abs=1e-5), r.text

@@ -42,7 +42,7 @@ def server(tmp_path_factory):
         yield s
 
 
-TOO_MANY_PIXELS = (413, "image has too many pixels")
+TOO_MANY_PIXELS = (413, "image has too many pixels: limit 40000000 (width x height, RESNET_MAX_IMAGE_PIXELS)")
 
 
 @pytest.mark.parametrize(

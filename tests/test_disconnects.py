@@ -44,7 +44,8 @@ def open_fds() -> int:
 
 def status_count(metrics: str, status: str) -> float:
     return sum(float(v) for v in re.findall(
-        rf'^http_requests_total{{method="POST",route="/predict",status="{status}"}} (\S+)$', metrics, re.M))
+        rf'^resnet_serve_http_requests_total{{method="POST",route="/predict",status="{status}"}} (\S+)$', metrics,
+        re.M))
 
 
 # --- ways to leave --------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ def test_predict_client_leaving_mid_request_leaves_nothing_behind(
         started = time.perf_counter()
         r = c.post("/predict", content=encode(img, "PNG"), headers={"content-type": "image/png"})
         elapsed = time.perf_counter() - started
-    assert re.search(r"^predict_queue_depth 0\.0$", metrics, re.M), metrics
+    assert re.search(r"^resnet_serve_predict_queue_depth 0\.0$", metrics, re.M), metrics
     for status in ("500", "503", "504"):  # a client leaving is not the service failing
         assert status_count(metrics, status) == status_count(baseline_metrics, status), status
     if noticed:  # the departure was seen mid-request (499), so the abandonment path itself ran

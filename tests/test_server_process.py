@@ -27,7 +27,7 @@ def test_upload_with_huge_content_length_refused_before_body(live_server):
                 break
             reply += part
     assert reply.startswith("HTTP/1.1 413"), reply
-    assert reply.endswith('{"detail":"body too large"}'), reply
+    assert reply.endswith('{"detail":"body too large: limit 100000 bytes (RESNET_MAX_UPLOAD_BYTES)"}'), reply
 
 
 def test_chunked_upload_cut_off_near_limit(live_server):
@@ -173,8 +173,8 @@ def test_worker_killed_is_replaced_while_the_others_keep_serving(tmp_path):
         assert "exited with -9" in server.log_tail(20_000), server.log_tail()
         wait_for(lambda: all(predict_fresh(server.url, png).status_code == 200 for _ in range(10)), 30)
         metrics = httpx.get(server.url + "/metrics", timeout=10).text
-        served = sum(float(line.split()[-1]) for line in metrics.splitlines()
-                     if line.startswith('http_requests_total{method="POST",route="/predict",status="200"}'))
+        counted = 'resnet_serve_http_requests_total{method="POST",route="/predict",status="200"}'
+        served = sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(counted))
         assert served >= 10, metrics[:2000]  # one exposition counts every worker's requests
     finally:
         code = server.stop()

@@ -152,6 +152,16 @@ def multipart(n: int) -> dict:
     return {"files": [("files", (f"{i}.png", png(one_per_class()[0][0]), "image/png")) for i in range(n)]}
 
 
+def multipart_with(index: int, part: bytes, n: int = 3) -> dict:
+    """``n`` good digits with ``part`` in place of the one at ``index`` (0-based)."""
+    files = multipart(n)["files"]
+    files[index] = ("files", ("bad.png", part, "image/png"))
+    return {"files": files}
+
+
+TOO_MANY_PIXELS = "image has too many pixels: limit 10000000 (width x height, RESNET_MAX_IMAGE_PIXELS)"
+
+
 @pytest.mark.parametrize(
     ("request_kwargs", "status", "detail"),
     [
@@ -168,13 +178,22 @@ def multipart(n: int) -> dict:
         pytest.param({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415,
                      "unsupported content type: send image/*, application/octet-stream or multipart/form-data",
                      id="text"),
-        pytest.param({"content": b"\0" * 200_001, "headers": {"content-type": "image/png"}}, 413, "body too large",
-                     id="body-over-limit"),
-        pytest.param({"content": bomb_png(), "headers": {"content-type": "image/png"}}, 413,
-                     "image has too many pixels", id="decompression-bomb"),
+        pytest.param({"content": b"\0" * 200_001, "headers": {"content-type": "image/png"}}, 413,
+                     "body too large: limit 200000 bytes (RESNET_MAX_UPLOAD_BYTES)", id="body-over-limit"),
+        pytest.param({"content": bomb_png(), "headers": {"content-type": "image/png"}}, 413, TOO_MANY_PIXELS,
+                     id="decompression-bomb"),
         pytest.param({"content": bomb_png(4000, 3000), "headers": {"content-type": "image/png"}}, 413,
-                     "image has too many pixels", id="over-pixel-setting"),
-        pytest.param(multipart(17), 413, "too many images in one request", id="too-many-files"),
+                     TOO_MANY_PIXELS, id="over-pixel-setting"),
+        pytest.param(multipart(17), 413, "too many images in one request: limit 16 (RESNET_MAX_BATCH_IMAGES)",
+                     id="too-many-files"),
+        # One bad part of several: the message says which, counting from 1.
+        pytest.param(multipart_with(1, b"not an image at all"), 400, "image 2 of 3: could not decode image",
+                     id="bad-second-part-of-three"),
+        pytest.param(multipart_with(2, b"\x89PNG\r\n\x1a\n" + bytes(8000)), 400,
+                     "image 3 of 3: could not decode image", id="bad-large-third-part-decoded-in-pool"),
+        pytest.param(multipart_with(0, bomb_png(4000, 3000)), 413, f"image 1 of 3: {TOO_MANY_PIXELS}",
+                     id="oversized-first-part-of-three"),
+        pytest.param(multipart_with(1, b""), 400, "image 2 of 3: empty file part", id="empty-second-part-of-three"),
         pytest.param({"content": png(one_per_class()[0][0]),
                       "headers": {"content-type": "image/png", "content-encoding": "br"}}, 415,
                      "unsupported Content-Encoding: send gzip, deflate or identity", id="brotli-body"),
@@ -182,8 +201,8 @@ def multipart(n: int) -> dict:
                       "headers": {"content-type": "image/png", "content-encoding": "gzip"}}, 400,
                      "the body does not inflate: malformed or truncated gzip/deflate data", id="gzip-truncated"),
         pytest.param({"content": gzip.compress(b"\0" * 200_001),
-                      "headers": {"content-type": "image/png", "content-encoding": "gzip"}}, 413, "body too large",
-                     id="gzip-inflates-over-limit"),
+                      "headers": {"content-type": "image/png", "content-encoding": "gzip"}}, 413,
+                     "body too large: limit 200000 bytes (RESNET_MAX_UPLOAD_BYTES)", id="gzip-inflates-over-limit"),
         # curl --data-binary sends urlencoded; such a body is taken as image bytes, so form fields fail to decode
         pytest.param({"data": {"note": "no file"}}, 400, "could not decode image", id="urlencoded-form-fields"),
         pytest.param({"content": b"--x\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nv\r\n--x--\r\n",
@@ -297,10 +316,11 @@ def test_failed_load_never_ready_and_says_why(tmp_path, default_model, make_sett
         r = c.get("/health/ready")
         assert r.status_code == 503, r.text
         assert r.json()["status"] == "failed" and reason in r.json()["detail"], r.text
+        why = r.json()["detail"]
         assert c.get("/health/live").status_code == 200
         r = c.post("/predict", content=png(one_per_class()[0][0]), headers={"content-type": "image/png"})
         assert r.status_code == 503, r.text
-        assert r.json() == {"detail": "model not ready"}
+        assert r.json() == {"detail": f"model failed to load: {why}"}  # what readiness knows, not "not ready"
 
 
 def test_unexpected_failure_gives_500_with_logged_error_id_then_serves(settings, caplog):
@@ -352,8 +372,8 @@ def test_metrics_exposes_stages_and_model_info(client):
     for name in ("predict_decode_seconds_bucket", "predict_preprocess_seconds_bucket", "predict_queue_wait_seconds",
                  "predict_inference_seconds", "predict_batch_size_bucket", "predict_queue_depth",
                  'http_requests_total{method="POST",route="/predict",status="200"}'):
-        assert name in text, name
-    assert 'model_info{name="default",provider="CPUExecutionProvider"' in text
+        assert "resnet_serve_" + name in text, name
+    assert 'resnet_serve_model_info{name="default",provider="CPUExecutionProvider"' in text
 
 
 def test_openapi_documents_predict(client):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import urljoin
 
 import httpx
 import numpy as np
@@ -68,6 +69,22 @@ def test_index_serves_page_with_only_its_own_assets(http):
         assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", a.text, re.I), f"{asset} refers elsewhere"
     external = [u for u in parser.urls if re.match(r"(https?:)?//", u, re.I)]
     assert not external, external
+
+
+def test_docs_serves_swagger_ui_and_every_asset_from_the_service(http):
+    r = http.get("/docs")
+    assert r.status_code == 200, r.text
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "unsafe-inline" not in csp, csp
+    parser = AssetRefs()
+    parser.feed(r.text)
+    external = [u for u in parser.urls if re.match(r"(https?:)?//", u, re.I)]
+    assert not external, external
+    assets = {urljoin("/docs", u) for u in parser.urls}
+    assert {"/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css"} <= assets, parser.urls
+    for asset in sorted(assets) + ["/openapi.json"]:
+        a = http.get(asset)
+        assert a.status_code == 200, (asset, a.text[:200])
 
 
 def test_index_404_when_ui_disabled(default_model):
@@ -316,7 +333,8 @@ def noise_png(side: int) -> bytes:
                      "type: send image/*, application/octet-stream or multipart/form-data", id="text-file"),
         pytest.param("fake.png", "image/png", b"not an image\n", "The service answered 400: could not decode image",
                      id="not-really-png"),
-        pytest.param("huge.png", "image/png", noise_png(400), "The service answered 413: body too large",
+        pytest.param("huge.png", "image/png", noise_png(400), "The service answered 413: body too large: limit "
+                     f"{UPLOAD_LIMIT} bytes (RESNET_MAX_UPLOAD_BYTES)",
                      id="too-large"),
     ],
 )
@@ -332,6 +350,24 @@ def test_service_error_shown_as_its_detail(page, tmp_path, name, mime, content, 
     expect(status).to_have_text(message)
     expect(status).to_have_class(re.compile(r"\berror\b"))
     expect(page.locator("#bars")).to_be_hidden()  # the previous answer is gone, not left to mislead
+
+
+def test_docs_page_renders_offline_under_its_csp(browser, server):
+    from playwright.sync_api import expect
+
+    log = PageLog()
+    context = browser.new_context()
+    # Offline: anything not from the service fails, as in an air-gapped cluster.
+    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server.url + "/")
+                  else route.abort())
+    page = context.new_page()
+    page.on("request", lambda req: log.requests.append(req.url))
+    page.on("pageerror", lambda err: log.script_errors.append(str(err)))
+    page.on("console", lambda msg: "Content Security Policy" in msg.text and log.script_errors.append(msg.text))
+    page.goto(server.url + "/docs")
+    expect(page.locator('.opblock-summary-path[data-path="/predict"]')).to_be_visible()
+    context.close()
+    log.check(server)
 
 
 def test_page_usable_from_keyboard(page, tmp_path):
