@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(2.0, ge=0, description="longest wait for more images to fill a batch")
     max_queue: int = Field(512, ge=1, description="images waiting for inference before 429")
     max_queue_wait_ms: float = Field(
-        2000, gt=0, description="429 at once when admitted images would wait longer than this at the measured rate"
+        5000, gt=0, description="429 at once when admitted images would wait longer than this at the measured rate"
     )
     request_timeout_ms: float = Field(10_000, gt=0, description="per-request deadline (504 past it)")
     decode_threads: int = Field(0, ge=0, description="threads decoding images (0 = usable cores)")

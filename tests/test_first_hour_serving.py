@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -160,9 +161,15 @@ def test_access_log_one_line_per_request(live_server, env, logged):
                    headers={"content-type": "image/png"})
         assert r.status_code == 200, r.text
         assert c.get("/nowhere").status_code == 404
-    lines = re.findall(r"service\.access: (\S+) (\S+) (\S+) (\d+) ([\d.]+)ms$", server.log_tail(20_000), re.M)
-    requests = [(method, path, int(status)) for _, method, path, status, _ in lines if path != "/health/ready"]
-    assert requests == ([("POST", "/predict", 200), ("GET", "/nowhere", 404)] if logged else []), server.log_tail()
+    want = [("POST", "/predict", 200), ("GET", "/nowhere", 404)] if logged else []
+    deadline = time.monotonic() + 5  # a line is written once its response is sent: it may trail the answer
+    while True:
+        lines = re.findall(r"service\.access: (\S+) (\S+) (\S+) (\d+) ([\d.]+)ms$", server.log_tail(20_000), re.M)
+        requests = [(method, path, int(status)) for _, method, path, status, _ in lines if path != "/health/ready"]
+        if requests == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert requests == want, server.log_tail()
     uvicorn_lines = [line for line in server.log_tail(20_000).splitlines() if "uvicorn.access" in line]
     assert not uvicorn_lines, uvicorn_lines  # one access log, not two
 

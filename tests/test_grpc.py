@@ -497,8 +497,9 @@ def test_not_ready_server_unavailable_on_infer_and_not_serving(tmp_path):
                 assert time.monotonic() < deadline, server.log_path.read_text()
                 time.sleep(0.1)
         assert not c.is_server_ready()
-        assert code_of(lambda: c.infer("default", [image_input(PNGS[:1])])) == ("StatusCode.UNAVAILABLE",
-                                                                                   "model not ready")
+        code, message = code_of(lambda: c.infer("default", [image_input(PNGS[:1])]))
+        assert code == "StatusCode.UNAVAILABLE", message
+        assert message.startswith("model failed to load: model file not found") and "missing.onnx" in message, message
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING

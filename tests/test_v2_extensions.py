@@ -237,6 +237,6 @@ def test_gzip_bomb_is_413_fast_with_flat_memory(server, http):
     r = http.post("/v2/models/default/infer", content=bomb, headers={"content-encoding": "gzip"})
     elapsed = time.perf_counter() - started
     assert r.status_code == 413, r.text
-    assert r.json() == {"error": "body too large"}
+    assert r.json() == {"error": f"body too large: limit {LIMIT} bytes (RESNET_MAX_UPLOAD_BYTES)"}, r.text
     assert elapsed < 2.0, elapsed  # milliseconds in fact; generous for a shared machine
     assert peak_rss_kib(server.proc.pid) - peak < 20 * 1024  # KiB: inflation stopped at the limit
