@@ -21,10 +21,20 @@ class TrainConfig:
     # model
     arch: str = option("resnet20", "resnet<6n+2> (20, 32, 44, 56, 110: CIFAR style) or resnet18/34/50 (ImageNet "
                                    "style)")
-    shortcut: str = option("A", "A: zero-padding, parameter-free; B: learned 1x1 projection (Sec. 3.3)", ("A", "B"))
+    shortcut: str | None = option(None, "A: zero-padding, parameter-free; B: learned 1x1 projection (Sec. 3.3); "
+                                        "default A, and B (torchvision's layout) with --init or --pretrained",
+                                  ("A", "B"))
     plain: bool = option(False, "drop every skip connection (the paper's plain baseline)")
     zero_init_residual: bool = option(False, "zero the last BN scale of each residual branch: blocks start as the "
                                              "identity")
+    # transfer learning (resnet18/34/50: torchvision's parameter names and shapes; the head is always new)
+    init: str = option("", "start the backbone from this torchvision-format state dict (.pth or a checkpoint)")
+    pretrained: str = option("", "imagenet: start from torchvision's ImageNet weights, downloaded (pinned URL and "
+                                 "sha256) into torch.hub's cache; records ImageNet's mean/std", ("", "imagenet"))
+    freeze_backbone: bool = option(False, "linear probe: train only the new head, the backbone (and its BN "
+                                          "statistics) stay as loaded")
+    backbone_lr_scale: float = option(1.0, "fine-tuning: the backbone's learning rate is the schedule's times this "
+                                           "(e.g. 0.1), the head's the schedule's")
     # data
     data: str = option("digits", "digits (embedded, no download), cifar10, or a folder path root/<label>/*.png "
                                  "(optionally root/train and root/val)")
@@ -64,6 +74,39 @@ class TrainConfig:
     resume: str = option("", "path of a last.pt to continue from, up to --epochs in all")
     export: str = option("", "write the best model as ONNX here when training ends")
     progress: bool = option(True, "a progress bar per epoch")
+
+
+class ConfigError(ValueError):
+    """Flags that cannot be used together; the message names them and says what to do."""
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse combinations of flags that would silently do something else than asked."""
+    from model.pretrained import IMAGENET_WEIGHTS  # torch-heavy; only when checking a run
+
+    if cfg.init and cfg.pretrained:
+        raise ConfigError("--init and --pretrained both name starting weights: pass one of them")
+    if cfg.pretrained and cfg.arch not in IMAGENET_WEIGHTS:
+        raise ConfigError(f"--pretrained {cfg.pretrained} needs --arch {' or '.join(sorted(IMAGENET_WEIGHTS))}, "
+                          f"got {cfg.arch}")
+    if cfg.pretrained and cfg.colour_mode == "L":
+        raise ConfigError(f"--pretrained {cfg.pretrained} weights read RGB images: drop --colour-mode L")
+    if cfg.freeze_backbone and not (cfg.init or cfg.pretrained):
+        raise ConfigError("--freeze-backbone needs starting weights: pass --init PATH or --pretrained imagenet")
+    if not cfg.backbone_lr_scale > 0:
+        raise ConfigError(f"--backbone-lr-scale must be positive, got {cfg.backbone_lr_scale} "
+                          "(--freeze-backbone trains no backbone at all)")
+    if cfg.backbone_lr_scale != 1.0 and cfg.freeze_backbone:
+        raise ConfigError("--backbone-lr-scale has no effect with --freeze-backbone: pass one of them")
+    if cfg.backbone_lr_scale != 1.0 and not (cfg.init or cfg.pretrained):
+        raise ConfigError("--backbone-lr-scale needs starting weights: pass --init PATH or --pretrained imagenet")
+
+
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """The config with the defaults that depend on other flags filled in, as a run records it."""
+    if cfg.shortcut is not None:
+        return cfg
+    return dataclasses.replace(cfg, shortcut="B" if cfg.init or cfg.pretrained else "A")
 
 
 FLAG_TYPES = {"int": int, "float": float, "str": str, "str | None": str}

@@ -26,12 +26,13 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from model import pretrained
 from model.checkpoint import CheckpointError, build_model, describe, parity_pixels, read
-from model.config import TrainConfig, parse_args
+from model.config import ConfigError, TrainConfig, parse_args, resolved, validate
 from model.data import DataBundle, DataError, load_bundle, summary
 from model.engine import augment, evaluate, lr_at, resolve_device, seed_everything
 from model.export import ExportError, export
-from model.preprocessing import normaliser
+from model.preprocessing import Preprocessing, normaliser
 from model.resnet import ResNet
 
 # Fewer SGD steps per epoch than this and a short run ends near chance: 78 images at batch 128 are one step an epoch
@@ -82,7 +83,23 @@ def load_data(cfg: TrainConfig, proc: Process, bundle: DataBundle | None) -> tup
         if proc.main:
             print(summary(bundle), flush=True)
     flip = bundle.flip if cfg.flip is None else cfg.flip
+    if cfg.pretrained:
+        bundle = imagenet_normalised(bundle)
     return dataclasses.replace(cfg, colour_mode=bundle.preprocessing.colour_mode, flip=flip), bundle
+
+
+def imagenet_normalised(bundle: DataBundle) -> DataBundle:
+    """The data normalised as the ImageNet weights expect: ImageNet's mean/std replace the data's own.
+
+    ImageNet's shorter-side resize + centre crop is not expressible in contract version 1, so the images stay
+    stretched to --image-size, train and serve alike.
+    """
+    pre = bundle.preprocessing
+    if pre.colour_mode != "RGB":
+        raise ConfigError(f"--pretrained imagenet weights read RGB images, and {bundle.name} is {pre.colour_mode}")
+    imagenet = pretrained.IMAGENET_PREPROCESSING
+    return dataclasses.replace(bundle, preprocessing=Preprocessing(
+        pre.input_size, pre.colour_mode, tuple(imagenet["mean"]), tuple(imagenet["std"]), pre.resize))
 
 
 @dataclass
@@ -120,8 +137,16 @@ def few_steps_warning(cfg: TrainConfig, images: int, steps: int) -> str | None:
 
 
 def make_model(cfg: TrainConfig, bundle: DataBundle, proc: Process) -> tuple[ResNet, nn.Module]:
-    """The net, and what the loop calls: the net itself, or its DistributedDataParallel wrapper under torchrun."""
-    model = build_model(cfg, len(bundle.labels), bundle.preprocessing.channels).to(proc.device)
+    """The net (from starting weights when the config names some, its backbone frozen for a linear probe), and
+    what the loop calls: the net itself, or its DistributedDataParallel wrapper under torchrun."""
+    model = build_model(cfg, len(bundle.labels), bundle.preprocessing.channels)
+    if cfg.init:
+        pretrained.load_init(model, cfg.init)
+    elif cfg.pretrained:
+        pretrained.load_init(model, pretrained.fetch(cfg.arch))
+    if cfg.freeze_backbone:
+        pretrained.freeze_backbone(model)
+    model = model.to(proc.device)
     if not proc.distributed:
         return model, model
     device_ids = [proc.device.index] if proc.device.type == "cuda" else None
@@ -129,8 +154,10 @@ def make_model(cfg: TrainConfig, bundle: DataBundle, proc: Process) -> tuple[Res
 
 
 def make_optimiser(cfg: TrainConfig, model: nn.Module) -> torch.optim.SGD:
-    """SGD with momentum; weight decay on every parameter, as in the paper."""
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    """SGD with momentum; weight decay on every trainable parameter, as in the paper. Two groups, the backbone's
+    and the head's, each with the ``lr_scale`` the loop multiplies the schedule by."""
+    groups = pretrained.param_groups(model, cfg.backbone_lr_scale)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 @dataclass
@@ -172,8 +199,9 @@ def train_one_epoch(cfg: TrainConfig, epoch: int, net: nn.Module, optimizer: tor
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False, dynamic_ncols=True)
     for i, (pixels, y) in enumerate(bar):
         step = epoch * steps_per_epoch + i
+        lr = lr_at(cfg, step, total_steps, steps_per_epoch)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, step, total_steps, steps_per_epoch)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         x = normalise(augment(pixels.to(device, non_blocking=True), cfg.shift, flip, aug_gen))  # x: (N, C, H, W)
         y = y.to(device, non_blocking=True)
         with autocast:
@@ -225,6 +253,8 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict, ResNet], None] | None = No
     """Run the whole recipe; returns the best epoch's record. ``on_epoch`` sees each epoch's record; ``bundle`` is
     data the caller has loaded already (by default, the data ``cfg`` names)."""
     # setup, data, model, optimiser, resume
+    validate(cfg)
+    cfg = resolved(cfg)
     proc = setup(cfg)
     cfg, bundle = load_data(cfg, proc, bundle)
     loaders = make_loaders(cfg, bundle, proc)
@@ -257,7 +287,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict, ResNet], None] | None = No
             "train_error": train_error,  # on augmented batches, running
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": optimizer.param_groups[-1]["lr"],  # the head's: the schedule's own
             "seconds": round(seconds, 3),
         }
         improved = progress.best is None or record["val_accuracy"] > progress.best["val_accuracy"]
@@ -284,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv, description=__doc__.splitlines()[0])
     try:
         best = train(cfg)
-    except (DataError, CheckpointError, ExportError) as e:
+    except (ConfigError, DataError, CheckpointError, ExportError, pretrained.WeightsError) as e:
         raise SystemExit(f"error: {e}") from e
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"best": best}), file=sys.stderr)
