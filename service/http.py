@@ -203,12 +203,40 @@ async def disconnected(receive: Receive) -> None:
 # --- the app around the doors -----------------------------------------------------------------------------------
 
 
-class RequestMetrics:
-    """Requests by route template and status, and their latency. Pure ASGI middleware (BaseHTTPMiddleware would
-    copy every body through a queue)."""
+class AnsweredRequests:
+    """Pure ASGI middleware (BaseHTTPMiddleware would copy every body through a queue) that calls ``answered``
+    with each HTTP request's status and duration once it is answered."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+
+    def answered(self, scope: Scope, status: int, seconds: float) -> None:
+        raise NotImplementedError
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # what the server answers when the app raises before it started a response
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            self.answered(scope, status, time.perf_counter() - start)
+
+
+class RequestMetrics(AnsweredRequests):
+    """Requests by route template and status, and their latency."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        super().__init__(app)
         self.templates: dict[int, str] = {}  # id of an endpoint -> its route's path template
 
     def template(self, scope: Scope) -> str:
@@ -227,25 +255,10 @@ class RequestMetrics:
                     self.templates[id(target)] = candidate.path
         return self.templates.get(id(endpoint), "unmatched")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            template = self.template(scope)
-            metrics.REQUESTS.labels(template, scope["method"], str(status)).inc()
-            metrics.REQUEST_LATENCY.labels(template).observe(time.perf_counter() - start)
+    def answered(self, scope: Scope, status: int, seconds: float) -> None:
+        template = self.template(scope)
+        metrics.REQUESTS.labels(template, scope["method"], str(status)).inc()
+        metrics.REQUEST_LATENCY.labels(template).observe(seconds)
 
 
 def install(app: FastAPI) -> None:

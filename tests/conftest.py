@@ -26,6 +26,24 @@ def default_model() -> Path:
     return DEFAULT_MODEL
 
 
+@pytest.fixture(scope="session")
+def spec(default_model):
+    """The default model's contract, as the service reads it."""
+    from service.runtime import Model
+    from service.settings import Settings
+
+    return Model.load(Settings(model_path=default_model)).spec
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    """An HTTP client on the module's own ``server`` fixture."""
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
 def make_class_folder(root: Path, classes: dict[str, int], size: int = 12, per_class: int = 6) -> Path:
     """root/<label>/<i>.png: each class a distinct brightness pattern, so a net can tell them apart."""
     rng = np.random.default_rng(0)

@@ -32,11 +32,8 @@ from tritonclient.utils import InferenceServerException
 
 from bench.harness import Server as LiveServer
 from bench.harness import free_port, serve_service, start_service
-from contract import ModelSpec
 from service.preprocessing import Preprocessor
 from service.protocol import EXTENSIONS
-from service.runtime import Model
-from service.settings import Settings
 from tests.conftest import ROOT
 from tests.images import FORMATS, bomb_png, encode, one_per_class
 
@@ -71,17 +68,6 @@ def stub(server) -> Iterator[service_pb2_grpc.GRPCInferenceServiceStub]:
     """The raw service, for what tritonclient never sends (typed contents, malformed messages)."""
     with grpc.insecure_channel(server.grpc) as channel:
         yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def http(server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def spec(default_model) -> ModelSpec:
-    return Model.load(Settings(model_path=default_model)).spec
 
 
 def rest_infer(http: httpx.Client, images: list[bytes]) -> dict[str, np.ndarray]:

@@ -11,14 +11,12 @@ import struct
 import threading
 from collections.abc import Iterator
 
-import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
 from fastapi.testclient import TestClient
 
 from bench.harness import Server, serve_service, wait_ready
-from contract import ModelSpec
 from service.app import create_app
 from service.preprocessing import Preprocessor
 from service.protocol import EXTENSIONS
@@ -44,21 +42,10 @@ def server(tmp_path_factory) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def http(server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def client(server) -> Iterator[triton.InferenceServerClient]:
     c = triton.InferenceServerClient(url=f"127.0.0.1:{server.port}")
     yield c
     c.close()
-
-
-@pytest.fixture(scope="module")
-def spec(default_model) -> ModelSpec:
-    return Model.load(Settings(model_path=default_model)).spec
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,7 @@ import tritonclient.http as triton
 
 from bench.harness import Server as LiveServer
 from bench.harness import serve_service, start_service
-from contract import ModelSpec
 from service.protocol import EXTENSIONS
-from service.runtime import Model
-from service.settings import Settings
 from tests.images import encode, one_per_class
 
 LIMIT = 200_000
@@ -39,17 +36,6 @@ def client(server) -> Iterator[triton.InferenceServerClient]:
     c = triton.InferenceServerClient(url=f"127.0.0.1:{server.port}")
     yield c
     c.close()
-
-
-@pytest.fixture(scope="module")
-def http(server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def spec(default_model) -> ModelSpec:
-    return Model.load(Settings(model_path=default_model)).spec
 
 
 def images(data: list[bytes]) -> triton.InferInput:
