@@ -515,7 +515,8 @@ def main(argv: list[str] | None = None) -> None:
             subprocess.run(["git", "worktree", "remove", "--force", str(trees[args.against])], cwd=ROOT, check=True)
         subprocess.run(["git", "worktree", "add", "--detach", str(trees[args.against]), args.against], cwd=ROOT,
                        check=True)
-        servers = [x for s in servers for x in ([s] if s in ("naive_app", "torchserve") else [s, f"{s}@{args.against}"])]
+        peers = ("naive_app", "torchserve")  # not ours: no earlier revision of them
+        servers = [x for s in servers for x in ([s] if s in peers else [s, f"{s}@{args.against}"])]
     if args.quick:
         args.repeats, args.seconds, models, concurrency = 1, 2, ["resnet20", "zero"], (1, 8, 32)
     args.out.mkdir(parents=True, exist_ok=True)
