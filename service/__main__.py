@@ -4,22 +4,28 @@ One worker runs in this process; several run under ``service.supervisor``. SIGTE
 
 from __future__ import annotations
 
+import atexit
 import logging
 import socket
 import sys
+from typing import IO
 
 import uvicorn
 
+from service import access_log
 from service.app import create_app
 from service.lifecycle import keep_clean_exit_after_drain
 from service.settings import Settings
 
 
-def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(settings: Settings, stream: IO[str] | None = None) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=stream, force=stream is not None)
     if settings.access_log:
         # Its own switch (RESNET_ACCESS_LOG): a quieter RESNET_LOG_LEVEL does not silence it.
-        logging.getLogger("service.access").setLevel(logging.INFO)
+        access_log.log.setLevel(logging.INFO)
+        if not access_log.log.handlers:
+            atexit.register(access_log.BackgroundWriter().start().stop)
 
 
 def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -> None:

@@ -3,11 +3,18 @@ the ``service.access`` logger. ``create_app`` installs it outermost when ``setti
 ``POST /predict`` (answered ahead of FastAPI by ``service.predict``) is logged like every other route.
 
     2026-12-02 08:30:00,123 INFO service.access: 127.0.0.1:50412 POST /predict 200 3.1ms
+
+On the event loop a line costs only its record; ``BackgroundWriter`` formats and writes the records a few
+times a second, from a thread, so neither formatting nor a slow terminal or pipe holds up requests
+(docs/throughput.md#the-access-log).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from logging.handlers import QueueHandler
 
 from starlette.types import Scope
 
@@ -21,3 +28,54 @@ class AccessLog(AnsweredRequests):
         client = scope.get("client")
         log.info("%s %s %s %d %.1fms", f"{client[0]}:{client[1]}" if client else "-", scope["method"], scope["path"],
                  status, seconds * 1000)
+
+
+class Handoff(QueueHandler):
+    """Puts the record on the queue as it is: QueueHandler's own ``prepare`` formats it first (for other
+    processes), which is the work handed to the writer."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+class BackgroundWriter:
+    """Hands ``logger``'s records to the root logger's handlers from a thread that wakes every ``interval_s``.
+
+    Unlike logging's QueueListener, whose thread wakes on every record (a thread switch per request), this
+    one collects what arrived since its last turn. ``stop`` writes what is still queued.
+    """
+
+    def __init__(self, logger: logging.Logger = log, interval_s: float = 0.1) -> None:
+        self.logger, self.interval_s = logger, interval_s
+        self.records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self.handoff = Handoff(self.records)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="access-log", daemon=True)
+
+    def start(self) -> BackgroundWriter:
+        self.logger.addHandler(self.handoff)
+        self.logger.propagate = False
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.logger.removeHandler(self.handoff)
+        self.logger.propagate = True
+        self.stopping.set()
+        self.thread.join()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.interval_s):
+            self.write()
+        self.write()
+
+    def write(self) -> None:
+        handlers = logging.getLogger().handlers
+        while True:
+            try:
+                record = self.records.get_nowait()
+            except queue.Empty:
+                return
+            for handler in handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)

@@ -4,6 +4,8 @@ timing is asserted here.)"""
 
 from __future__ import annotations
 
+import asyncio
+
 import onnx
 import pytest
 
@@ -12,6 +14,7 @@ from bench.harness import wait_ready
 from bench.open_loop import parse_rates
 from bench.run import PAYLOADS, markdown, median_alone, median_cells, parse_ms, targets
 from bench.zero_cost import zero_cost_model
+from service.settings import Settings
 from tests.images import encode, one_per_class
 
 
@@ -211,3 +214,14 @@ def test_markdown_shows_open_loop_row_with_goodput_share():
     md = markdown({}, {}, [], meta, {"resnet20": {"batching_on": {"png32": {"2x": x}}}})
     row = "| resnet20 | batching_on | png32 | 2x | 2000 | 1000 | 930 (0.93) | 1100 | 0 | 0 | 4.0/45.0 | 0.05 |"
     assert row in md, md
+
+
+def test_path_cost_drives_the_app_in_process(tmp_path, default_model):
+    from bench.path_cost import measure
+    from bench.run import write_payloads
+
+    body, ctype, _ = write_payloads(tmp_path)["png32"]
+    got = asyncio.run(measure(Settings(model_path=zero_cost_model(default_model, tmp_path / "zero.onnx"), grpc_port=0,
+                                       access_log=False), body.read_bytes(), ctype, concurrency=4, requests=40))
+    assert got["non200"] == 0, got
+    assert 0 < got["loop_us"] <= got["cpu_us"], got

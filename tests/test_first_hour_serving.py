@@ -3,11 +3,13 @@ sample images, `make run` with its settings, the model's name, /docs offline, /m
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import signal
 import sys
+import threading
 import time
 
 import httpx
@@ -18,6 +20,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from bench.harness import Server, free_port, wait_ready
+from service import access_log
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import ROOT, renamed_model
@@ -179,3 +182,41 @@ def test_access_log_setting_read_from_environment(monkeypatch):
     assert Settings().access_log is True
     monkeypatch.setenv("RESNET_ACCESS_LOG", "false")
     assert Settings().access_log is False
+
+
+class Stuck(logging.Handler):
+    """A terminal or pipe that stops reading: every write waits until ``unblocked`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addFilter(logging.Filter("service.access"))
+        self.unblocked, self.lines = threading.Event(), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.unblocked.wait(30)
+        self.lines.append(record.getMessage())
+
+
+def test_access_log_written_off_the_event_loop_when_output_blocks(default_model):
+    stuck = Stuck()
+    root = logging.getLogger()
+    root.addHandler(stuck)
+    writer = access_log.BackgroundWriter().start()
+    level = access_log.log.level
+    access_log.log.setLevel(logging.INFO)
+    try:
+        with TestClient(create_app(Settings(model_path=default_model, grpc_port=0))) as client:
+            wait_ready(client)
+            body = (SAMPLES / "digit-7.png").read_bytes()
+            # Written on the event loop, the first line would hold every later request until the output drains.
+            codes = [client.post("/predict", content=body, headers={"content-type": "image/png"}).status_code
+                     for _ in range(5)]
+            assert codes == [200] * 5, codes
+            assert stuck.lines == [], stuck.lines
+    finally:
+        stuck.unblocked.set()
+        writer.stop()
+        root.removeHandler(stuck)
+        access_log.log.setLevel(level)
+    logged = [line for line in stuck.lines if "POST /predict 200" in line]
+    assert len(logged) == 5, stuck.lines  # nothing lost: the queue is written out at stop
