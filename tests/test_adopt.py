@@ -160,6 +160,12 @@ def test_adopt_softmax_output_serves_the_same_probabilities(net, foreign, labels
                                    .softmax(1).numpy(), atol=1e-6)
 
 
+def test_adopt_softmax_output_called_logits_warns(foreign, labels, tmp_path):
+    report = adopt(foreign["softmax"], labels, tmp_path / "mine.onnx", output="logits")
+    (warning,) = report["warnings"]
+    assert "'prob' look like probabilities" in warning, warning
+
+
 def test_adopt_fixed_batch_file_serves_a_batch_of_three(net, foreign, labels, tmp_path):
     out = tmp_path / "mine.onnx"
     adopt(foreign["fixed"], labels, out)
@@ -215,11 +221,19 @@ def broken(tmp_path_factory, foreign) -> dict[str, Path]:
     added = [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("GlobalAveragePool", ["s"], ["p"]),
              helper.make_node("Flatten", ["p"], ["out"], axis=1)]
     relu = [helper.make_node("Relu", ["x"], ["out"])]
+    two_outputs = tmp / "two-outputs.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["out"], axis=1),
+         helper.make_node("Relu", ["out"], ["aux"])],
+        "two-outputs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3]) for n in ("out", "aux")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION), two_outputs)
     return {
         "net": foreign["dynamic"],
         "two-inputs": tiny(tmp / "two.onnx", [("a", ["N", 3, 8, 8]), ("b", ["N", 3, 8, 8])], ["N", 3], added),
         "flat-input": tiny(tmp / "flat.onnx", [("x", ["N", 10])], ["N", 10], relu),
         "dynamic-size": tiny(tmp / "anysize.onnx", [("x", ["N", 3, "H", "W"])], ["N", 3]),
+        "two-outputs": two_outputs,
         "text": tmp / "text.onnx",
         "missing": tmp / "nowhere.onnx",
         "four-labels": tmp / "four.txt",
@@ -234,6 +248,9 @@ def broken(tmp_path_factory, foreign) -> dict[str, Path]:
         pytest.param("two-inputs", [], "the model has 2 inputs (a, b); adopt needs exactly one", id="two-inputs"),
         pytest.param("flat-input", [], "input 'x' (float ['N', 10]) is not a 4-D float32 image batch",
                      id="not-4d-input"),
+        pytest.param("two-outputs", [], "the model has 2 outputs (out, aux); pass --output-name", id="two-outputs"),
+        pytest.param("two-outputs", ["--output-name", "fc"], "--output-name 'fc' is not an output of the model "
+                     "(out, aux)", id="unknown-output-name"),
         pytest.param("missing", [], "nowhere.onnx: no such file", id="missing-file"),
         pytest.param("text", [], "text.onnx is not an ONNX model", id="not-onnx"),
         pytest.param("net", ["--input-size", "64", "64"], "--input-size 64 64 contradicts the model's fixed input "
@@ -261,3 +278,11 @@ def test_adopt_refuses_in_one_line_with_exit_2(broken, labels, tmp_path, capsys,
     assert err.startswith("python -m model.adopt: error: ") and err.count("\n") == 1, err
     assert message in err, err
     assert not out.exists()
+
+
+def test_adopt_output_name_picks_the_classifier_and_drops_the_rest(broken, tmp_path):
+    (tmp_path / "labels.txt").write_text("r\ng\nb\n")
+    adopt(broken["two-outputs"], tmp_path / "labels.txt", tmp_path / "mine.onnx", input_size=[8, 8],
+          output_name="out")
+    session = ort.InferenceSession(tmp_path / "mine.onnx", providers=["CPUExecutionProvider"])
+    assert tuple(o.name for o in session.get_outputs()) == OUTPUT_NAMES
