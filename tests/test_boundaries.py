@@ -1,4 +1,5 @@
-"""Boundaries: the contract imports neither torch nor onnxruntime, the core no web framework."""
+"""Boundaries: the contract imports neither torch nor onnxruntime, the core no web framework, adopting a foreign
+ONNX file no torch."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ from tests.conftest import ROOT
 def test_import_contract_loads_neither_torch_nor_onnxruntime():
     code = ("import sys, contract; heavy = sorted(m for m in ('torch', 'onnxruntime', 'fastapi', 'starlette') "
             "if m in sys.modules); print(heavy); sys.exit(1 if heavy else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_import_adopt_loads_no_torch():
+    """A user who brings an ONNX file adopts it with onnx and onnxruntime alone (model.adopt)."""
+    code = ("import sys, model.adopt; heavy = sorted(m for m in ('torch', 'fastapi', 'service') if m in sys.modules); "
+            "print(heavy); sys.exit(1 if heavy else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
 
