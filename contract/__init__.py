@@ -11,6 +11,7 @@ tests) share it.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -18,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageOps
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2 added fit_to_content; a file of version 1 (or none) reads as before
 INPUT_NAME = "input"
 LOGITS = "logits"
 PROBABILITIES = "probabilities"
@@ -28,6 +29,8 @@ OUTPUT_NAMES = (LOGITS, PROBABILITIES)
 REQUIRED_KEYS = ("labels", "input_size", "colour_mode", "mean", "std", "resize")
 DESCRIPTIVE_KEYS = ("contract_version", "name", "arch", "shortcut", "residual", "data", "val_accuracy", "metrics",
                     "created_at", "training_config", "precision")
+# Preprocessing keys added by contract version 2: optional, and absent they mean what version 1 did.
+PREPROCESSING_V2_KEYS = ("fit_to_content",)
 
 COLOUR_MODES = {"L": 1, "RGB": 3}  # Pillow mode -> channels
 RESIZE_FILTERS = {
@@ -60,6 +63,53 @@ def to_colour_mode(img: Image.Image, mode: str) -> Image.Image:
 
 
 @dataclass(frozen=True)
+class FitToContent:
+    """Crop a drawing to its ink and centre it in a square with a margin, as MNIST and scikit-learn's digits
+    were normalised (LeCun et al. 1998: the ink's box, then centred), before the resize."""
+
+    margin: float = 0.1  # added on each side, as a fraction of the ink box's longer side
+    threshold: int = 32  # a pixel is ink when a channel differs from the background by more than this (0..254)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.margin, bool) or not isinstance(self.margin, int | float) or not 0 <= self.margin <= 1:
+            raise ContractError(f"fit_to_content margin must be a number in [0, 1], got {self.margin!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or not 0 <= self.threshold <= 254:
+            raise ContractError(f"fit_to_content threshold must be an integer in [0, 254], got {self.threshold!r}")
+
+    def to_metadata(self) -> dict:
+        return {"margin": self.margin, "threshold": self.threshold}
+
+    @classmethod
+    def from_metadata(cls, value: object) -> FitToContent | None:
+        if value is None:
+            return None
+        if not isinstance(value, Mapping) or set(value) != {"margin", "threshold"}:
+            raise ContractError(f"fit_to_content must be null or {{\"margin\": .., \"threshold\": ..}}, got {value!r}")
+        return cls(value["margin"], value["threshold"])
+
+
+def fit_to_content(img: Image.Image, background: int | Sequence[int], margin: float, threshold: int) -> Image.Image:
+    """The ink's bounding box (pixels differing from ``background`` by more than ``threshold`` in some channel),
+    centred on a square of ``background`` with ``margin`` times its longer side on each side. A blank image comes
+    back unchanged."""
+    FitToContent(margin, threshold)  # the same checks as the metadata's
+    channels = len(img.getbands())
+    bg = np.broadcast_to(np.asarray(background, dtype=np.int16), (channels,))  # one value, or one per channel
+    arr = np.asarray(img, dtype=np.int16).reshape(img.height, img.width, channels)
+    ink = (np.abs(arr - bg) > threshold).any(axis=2)
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    if rows.size == 0:
+        return img
+    box = img.crop((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
+    side = max(box.size)
+    side += 2 * math.floor(margin * side + 0.5)
+    fill = tuple(int(v) for v in bg) if channels > 1 else int(bg[0])
+    canvas = Image.new(img.mode, (side, side), fill)
+    canvas.paste(box, ((side - box.width) // 2, (side - box.height) // 2))
+    return canvas
+
+
+@dataclass(frozen=True)
 class Preprocessing:
     """The evaluation preprocessing a model was trained with: written into its metadata, reproduced by the
     service from the metadata alone (a test holds the two sides to 1e-6)."""
@@ -69,6 +119,7 @@ class Preprocessing:
     mean: tuple[float, ...]  # per channel, on the [0, 1] scale
     std: tuple[float, ...]
     resize: str = "bilinear"  # Pillow filter that stretches the image to input_size
+    fit_to_content: FitToContent | None = None  # drawings: crop to the ink, centre in a square, then resize
 
     def __post_init__(self) -> None:
         if self.colour_mode not in COLOUR_MODES:
@@ -82,6 +133,13 @@ class Preprocessing:
             raise ContractError(f"mean and std need {channels} values for colour_mode {self.colour_mode}")
         if any(not s > 0 for s in self.std):
             raise ContractError(f"std must be positive, got {list(self.std)}")
+        if self.fit_to_content is not None and not isinstance(self.fit_to_content, FitToContent):
+            raise ContractError(f"fit_to_content must be a FitToContent or None, got {self.fit_to_content!r}")
+
+    @property
+    def background(self) -> tuple[int, ...]:
+        """What transparency is flattened onto and padding is filled with, per channel."""
+        return (0,) * self.channels
 
     @property
     def channels(self) -> int:
@@ -90,6 +148,8 @@ class Preprocessing:
     def resized(self, img: Image.Image) -> Image.Image:
         """The image in the model's colour mode at the model's input size (still 8-bit)."""
         img = to_colour_mode(img, self.colour_mode)
+        if self.fit_to_content is not None:
+            img = fit_to_content(img, self.background, self.fit_to_content.margin, self.fit_to_content.threshold)
         h, w = self.input_size
         if img.size != (w, h):
             img = img.resize((w, h), RESIZE_FILTERS[self.resize])
@@ -102,12 +162,36 @@ class Preprocessing:
             arr = arr[:, :, None]
         return arr.transpose(2, 0, 1)
 
+    def draft_size(self) -> tuple[int, int] | None:
+        """The least (width, height) a JPEG may be decoded at (DCT scaling) and still give the pixels of a full
+        decode's resize; None when only a full decode does (the ink of a drawing may be a few pixels of it)."""
+        if self.fit_to_content is not None:
+            return None
+        side = max(self.input_size)  # square, so EXIF rotation is moot
+        return side, side
+
+    def draft(self, img: Image.Image) -> Image.Image:
+        """``img`` (opened, not yet loaded) set to decode a JPEG at 1/2, 1/4 or 1/8 scale via the DCT where
+        ``draft_size`` allows: a 12 MP photo costs a fraction of a full decode. Training and the service both
+        decode this way, so they see the same pixels."""
+        size = self.draft_size()
+        if img.format in ("JPEG", "MPO") and size is not None:
+            img.draft(None, size)
+        return img
+
     def to_metadata(self) -> dict:
         return {"input_size": list(self.input_size), "colour_mode": self.colour_mode, "mean": list(self.mean),
-                "std": list(self.std), "resize": self.resize}
+                "std": list(self.std), "resize": self.resize,
+                "fit_to_content": None if self.fit_to_content is None else self.fit_to_content.to_metadata()}
 
     @classmethod
     def from_metadata(cls, meta: Mapping) -> Preprocessing:
+        version = meta.get("contract_version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ContractError(f"contract_version must be a positive integer, got {version!r}")
+        if version > CONTRACT_VERSION:
+            raise ContractError(f"the file follows contract version {version}; this reader knows up to "
+                                f"{CONTRACT_VERSION}: update the service")
         missing = [k for k in REQUIRED_KEYS if k != "labels" and k not in meta]
         if missing:
             raise ContractError(f"model metadata lacks required key {missing[0]!r}")
@@ -117,7 +201,8 @@ class Preprocessing:
             std = tuple(float(v) for v in meta["std"])
         except (TypeError, ValueError) as e:
             raise ContractError(f"malformed preprocessing metadata: {e}") from e
-        return cls((h, w), meta["colour_mode"], mean, std, meta["resize"])
+        return cls((h, w), meta["colour_mode"], mean, std, meta["resize"],
+                   fit_to_content=FitToContent.from_metadata(meta.get("fit_to_content")))
 
 
 # --- metadata_props: every value JSON ------------------------------------------------------------------------------

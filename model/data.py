@@ -7,6 +7,7 @@ records. Normalisation and augmentation happen batch-wise in the training loop, 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pickle
 import shutil
@@ -15,6 +16,7 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -65,7 +67,7 @@ def channel_stats(dataset: Dataset, limit: int = 5000) -> tuple[tuple[float, ...
 
 def with_stats(pre: Preprocessing, train: Dataset) -> Preprocessing:
     mean, std = channel_stats(train)
-    return Preprocessing(pre.input_size, pre.colour_mode, mean, std, pre.resize)
+    return dataclasses.replace(pre, mean=mean, std=std)
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,6 +106,12 @@ def load_digits_data(image_size: int, val_fraction: float, split_seed: int, resi
     return DataBundle(train, val, labels, with_stats(pre, train), "digits", flip=False)
 
 
+def file_pixels(file: Path | BinaryIO, pre: Preprocessing) -> torch.Tensor:
+    """One image file as the network's uint8 pixels (C, H, W), decoded as the service decodes it (``draft``)."""
+    with Image.open(file) as img:
+        return pre.to_uint8(pre.draft(img))
+
+
 class ImageFolder(Dataset):
     """Images decoded lazily, so a folder larger than memory still trains."""
 
@@ -115,8 +123,7 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         try:
-            with Image.open(self.files[i]) as img:
-                return self.pre.to_uint8(img), self.targets[i]
+            return file_pixels(self.files[i], self.pre), self.targets[i]
         except OSError as e:
             raise DataError(f"cannot read image {self.files[i]}: {e}") from e
 
@@ -139,8 +146,7 @@ def unreadable(files: list[Path], pre: Preprocessing) -> list[tuple[Path, str]]:
     bad = []
     for f in files:
         try:
-            with Image.open(f) as img:
-                pre.to_array(img)  # the whole decode, as training does it: truncated files fail only here
+            file_pixels(f, pre)  # the whole decode, as training does it: truncated files fail only here
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             bad.append((f, str(e) or type(e).__name__))
     return bad

@@ -32,7 +32,7 @@ from model.config import ConfigError, TrainConfig, parse_args, resolved, validat
 from model.data import DataBundle, DataError, load_bundle, summary
 from model.engine import augment, evaluate, lr_at, resolve_device, seed_everything
 from model.export import ExportError, export
-from model.preprocessing import Preprocessing, normaliser
+from model.preprocessing import normaliser
 from model.resnet import ResNet
 
 # Fewer SGD steps per epoch than this and a short run ends near chance: 78 images at batch 128 are one step an epoch
@@ -98,8 +98,8 @@ def imagenet_normalised(bundle: DataBundle) -> DataBundle:
     if pre.colour_mode != "RGB":
         raise ConfigError(f"--pretrained imagenet weights read RGB images, and {bundle.name} is {pre.colour_mode}")
     imagenet = pretrained.IMAGENET_PREPROCESSING
-    return dataclasses.replace(bundle, preprocessing=Preprocessing(
-        pre.input_size, pre.colour_mode, tuple(imagenet["mean"]), tuple(imagenet["std"]), pre.resize))
+    return dataclasses.replace(bundle, preprocessing=dataclasses.replace(
+        pre, mean=tuple(imagenet["mean"]), std=tuple(imagenet["std"])))
 
 
 @dataclass

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from contract import DESCRIPTIVE_KEYS, INPUT_NAME, OUTPUT_NAMES, REQUIRED_KEYS
+from contract import CONTRACT_VERSION, DESCRIPTIVE_KEYS, INPUT_NAME, OUTPUT_NAMES, PREPROCESSING_V2_KEYS, REQUIRED_KEYS
 from model.checkpoint import load_checkpoint
 from model.config import TrainConfig
 from model.data import load_digits_data
@@ -22,7 +22,7 @@ from model.export import export
 from model.train import train
 from tests.conftest import ROOT, make_class_folder
 
-WRITTEN_METADATA = set(REQUIRED_KEYS) | set(DESCRIPTIVE_KEYS)
+WRITTEN_METADATA = set(REQUIRED_KEYS) | set(PREPROCESSING_V2_KEYS) | set(DESCRIPTIVE_KEYS)
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess:
@@ -67,6 +67,7 @@ def test_export_records_metadata_enough_to_serve(exported):
     assert set(meta) == WRITTEN_METADATA
     assert meta["labels"] == [str(i) for i in range(10)]
     assert meta["input_size"] == [8, 8] and meta["colour_mode"] == "L" and meta["resize"] == "bilinear"
+    assert meta["contract_version"] == CONTRACT_VERSION and meta["fit_to_content"] is None
     assert meta["arch"] == "resnet8" and meta["training_config"]["epochs"] == 1
     assert meta["training_config"]["colour_mode"] == meta["colour_mode"]  # the config as used, not its default
     bundle = load_digits_data(8, 0.2, 0, "bilinear")

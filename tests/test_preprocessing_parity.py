@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from contract import INPUT_NAME, LOGITS, ModelSpec
+from contract import INPUT_NAME, LOGITS, FitToContent, ModelSpec
+from model.data import file_pixels
 from model.preprocessing import Preprocessing
 from service.preprocessing import Preprocessor
 from tests.images import FORMATS, encode, one_per_class
@@ -26,6 +27,13 @@ def photo(w: int, h: int, mode: str = "RGB") -> Image.Image:
     return Image.fromarray(arr, "RGB").convert(mode)
 
 
+def drawing(w: int, h: int) -> Image.Image:
+    """A digit drawn small, off-centre, on a large dark page: a full decode's detail is all in a few pixels."""
+    page = Image.new("L", (w, h), 10)
+    page.paste(one_per_class()[4][0].resize((96, 96), Image.Resampling.BILINEAR), (w // 2, h // 5))
+    return page
+
+
 CASES = {
     **{f"digit-{name}": (lambda f=f: f(one_per_class()[7][0])) for name, f in FORMATS.items()},
     "rgb-jpeg-60x45": lambda: encode(photo(60, 45), "JPEG", quality=90),
@@ -33,6 +41,7 @@ CASES = {
     "cmyk-jpeg": lambda: encode(photo(40, 40, "CMYK"), "JPEG"),
     "1x1-png": lambda: encode(photo(1, 1), "PNG"),
     "1x200-png": lambda: encode(photo(1, 200), "PNG"),
+    "drawing-jpeg-900x700": lambda: encode(drawing(900, 700), "JPEG", quality=90),
 }
 
 
@@ -42,12 +51,14 @@ CASES = {
         pytest.param(Preprocessing((32, 32), "L", (0.30566,), (0.323522,), "bilinear"), id="digits-L-bilinear"),
         pytest.param(Preprocessing((24, 40), "RGB", (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), "bicubic"),
                      id="rgb-bicubic"),
+        pytest.param(Preprocessing((28, 28), "L", (0.13,), (0.31,), fit_to_content=FitToContent(0.2, 32)),
+                     id="fit-to-content"),
     ],
 )
 @pytest.mark.parametrize("case", list(CASES))
 def test_service_preprocessing_equals_model_eval_transform(pre, case):
     data = CASES[case]()
-    want = pre(Image.open(io.BytesIO(data))).numpy()
+    want = pre.normalise(file_pixels(io.BytesIO(data), pre)).numpy()  # as training reads a folder's file
     service = Preprocessor(spec_for(pre), max_pixels=10**8)
     got = service(data).x
     assert got.shape == want.shape == (pre.channels, *pre.input_size)
