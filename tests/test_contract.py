@@ -10,9 +10,11 @@ import pytest
 from PIL import Image, ImageOps
 
 import contract
-from contract import ContractError, FitToContent, Preprocessing, fit_to_content
-from tests.images import encode, one_per_class
+from contract import ContractError, FitToContent, Preprocessing, fit_to_content, resize_size
+from tests.images import encode, one_per_class, scene, with_transparency
 
+IMAGENET_EVAL = Preprocessing((224, 224), "RGB", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                              resize_mode="shorter-side-crop", crop_fraction=0.875)
 GOOD = {"labels": ["a", "b"], "input_size": [8, 8], "colour_mode": "L", "mean": [0.5], "std": [0.25],
         "resize": "bilinear"}
 
@@ -24,6 +26,105 @@ def canvas(size: tuple[int, int], box: tuple[int, int, int, int], mode: str = "L
     img = Image.new(mode, size, paper)
     img.paste(ink, box)
     return img
+
+
+def grid(w: int, h: int) -> Image.Image:
+    """Every pixel different (its coordinates in two channels), so any offset or size change shows."""
+    x, y = np.meshgrid(np.arange(w) % 256, np.arange(h) % 256)
+    return Image.fromarray(np.stack([x, y, (x + y) % 256], axis=-1).astype(np.uint8), "RGB")
+
+
+# --- resize modes ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("input_size", "fraction", "want"),
+    [
+        pytest.param((224, 224), 0.875, (256, 256), id="torchvision-imagenet"),
+        pytest.param((224, 224), 0.9, (248, 248), id="timm-floor"),  # 248.9: floored, not rounded
+        pytest.param((32, 32), 1.0, (32, 32), id="no-margin"),
+        pytest.param((24, 40), 0.8, (30, 50), id="non-square"),
+    ],
+)
+def test_resize_size_follows_timm_floor_of_size_over_crop_fraction(input_size, fraction, want):
+    assert resize_size(input_size, fraction) == want
+
+
+@pytest.mark.parametrize(
+    ("size", "resized", "box"),
+    [
+        # int(256 * 640 / 480) = 341 wide; left round(117 / 2) = 58 (half to even), top 16
+        pytest.param((640, 480), (341, 256), (58, 16, 282, 240), id="landscape"),
+        # int(256 * 643 / 480) = 342 wide; left round(118 / 2) = 59
+        pytest.param((480, 643), (256, 342), (16, 59, 240, 283), id="portrait"),
+        pytest.param((256, 256), (256, 256), (16, 16, 240, 240), id="square-no-resize"),
+        pytest.param((100, 80), (320, 256), (48, 16, 272, 240), id="small-upscaled"),
+    ],
+)
+def test_shorter_side_crop_is_torchvisions_resize_then_center_crop(size, resized, box):
+    img = grid(*size)
+    pre = IMAGENET_EVAL
+    want = img.resize(resized, Image.Resampling.BILINEAR).crop(box)
+    assert np.array_equal(pre.to_array(img), np.asarray(want).transpose(2, 0, 1))
+
+
+def test_shorter_side_crop_of_an_extreme_aspect_ratio_resizes_only_the_window():
+    """A 4000 x 10 image would become 102400 x 256 before the crop; the window alone is resized instead, within a
+    grey level of the full resize."""
+    img = grid(4000, 10)
+    pre = IMAGENET_EVAL
+    full = img.resize((102400, 256), Image.Resampling.BILINEAR).crop((51088, 16, 51312, 240))
+    diff = np.abs(pre.to_array(img).astype(int) - np.asarray(full).transpose(2, 0, 1).astype(int))
+    assert diff.max() <= 1, diff.max()
+
+
+@pytest.mark.parametrize(
+    ("size", "content"),
+    [
+        pytest.param((100, 50), (0, 8, 32, 24), id="landscape-bars-top-and-bottom"),
+        pytest.param((30, 90), (10, 0, 21, 32), id="portrait-bars-left-and-right"),  # round(30 * 32 / 90) = 11 wide
+        pytest.param((64, 64), (0, 0, 32, 32), id="square-no-padding"),
+    ],
+)
+def test_pad_fits_the_whole_image_and_centres_it_on_the_background(size, content):
+    img = Image.new("RGB", size, (10, 200, 30))
+    pre = Preprocessing((32, 32), "RGB", (0.5,) * 3, (0.25,) * 3, resize_mode="pad", background=(255, 255, 255))
+    out = np.asarray(pre.resized(img)).astype(int)
+    left, top, right, bottom = content
+    inside = np.zeros(out.shape[:2], bool)
+    inside[top:bottom, left:right] = True
+    assert (out[inside] == (10, 200, 30)).all() and (out[~inside] == 255).all()
+
+
+def test_pad_of_a_thin_image_allocates_no_square():
+    pre = Preprocessing((32, 32), "L", (0.5,), (0.25,), resize_mode="pad")
+    assert pre.resized(Image.new("L", (1, 10**6), 255)).size == (32, 32)  # padded to a square first: 10^12 pixels
+
+
+def test_stretch_is_the_default_and_distorts_the_aspect_ratio():
+    pre = Preprocessing((32, 32), "RGB", (0.5,) * 3, (0.25,) * 3)
+    img = grid(100, 50)
+    assert pre.resize_mode == "stretch"
+    want = img.resize((32, 32), Image.Resampling.BILINEAR)
+    assert np.array_equal(pre.to_array(img), np.asarray(want).transpose(2, 0, 1))
+
+
+# --- the background -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparency_is_flattened_onto_the_declared_background(mode):
+    img = with_transparency(scene(90, 60), mode)  # left third fully transparent
+    white = Preprocessing((60, 90), "RGB", (0.5,) * 3, (0.25,) * 3, background=(255, 255, 255))
+    grey = Preprocessing((60, 90), "L", (0.5,), (0.25,), background=(77,))
+    assert (white.to_array(img)[:, :, :25] == 255).all()
+    assert (grey.to_array(img)[:, :, :25] == 77).all()
+    assert (Preprocessing((60, 90), "L", (0.5,), (0.25,)).to_array(img)[:, :, :25] == 0).all()  # black by default
+
+
+def test_background_defaults_to_black_per_channel_and_reads_lists_as_tuples():
+    assert Preprocessing((8, 8), "RGB", (0.5,) * 3, (0.25,) * 3).background == (0, 0, 0)
+    assert Preprocessing((8, 8), "L", (0.5,), (0.25,), background=[9]).background == (9,)
 
 
 # --- fit to content -------------------------------------------------------------------------------------------------
@@ -91,6 +192,12 @@ def test_fit_to_content_preprocessing_ignores_where_and_how_large_the_drawing_is
     assert np.abs(plain.to_array(small).astype(int) - plain.to_array(large).astype(int)).mean() > 20
 
 
+def test_fit_to_content_of_a_long_thin_stroke_keeps_the_square_small():
+    img = Image.new("L", (1, 200_000), 255)  # 200 kpx, whose square would be 200_000^2 pixels
+    out = fit_to_content(img, 0, margin=0.1, threshold=32)
+    assert out.width == out.height and out.width * out.height <= 4 * 200_000 + 2**20
+
+
 def test_fit_to_content_metadata_round_trips_and_defaults_to_none():
     pre = Preprocessing((8, 8), "L", (0.5,), (0.25,), fit_to_content=FitToContent(margin=0.2, threshold=10))
     meta = pre.to_metadata()
@@ -103,6 +210,8 @@ def test_fit_to_content_metadata_round_trips_and_defaults_to_none():
 def test_fit_to_content_decodes_jpegs_in_full():
     """A drawing's ink may be a small part of the file: a reduced decode would lose its detail."""
     assert Preprocessing((32, 32), "L", (0.5,), (0.25,)).draft_size() == (32, 32)
+    crop = Preprocessing((224, 224), "L", (0.5,), (0.25,), resize_mode="shorter-side-crop", crop_fraction=0.875)
+    assert crop.draft_size() == (256, 256)
     assert Preprocessing((32, 32), "L", (0.5,), (0.25,), fit_to_content=FitToContent()).draft_size() is None
 
 
@@ -121,12 +230,51 @@ def test_fit_to_content_decodes_jpegs_in_full():
         pytest.param({"fit_to_content": True}, "fit_to_content must be null or", id="fit-bool"),
         pytest.param({"fit_to_content": {"margin": 2, "threshold": 3}}, "margin must be a number in",
                      id="fit-margin"),
+        pytest.param({"resize_mode": "squash"}, "resize_mode must be one of", id="unknown-resize-mode"),
+        pytest.param({"resize_mode": "shorter-side-crop"}, "needs crop_fraction in", id="crop-without-fraction"),
+        pytest.param({"resize_mode": "shorter-side-crop", "crop_fraction": 0}, "needs crop_fraction in",
+                     id="crop-fraction-zero"),
+        pytest.param({"resize_mode": "shorter-side-crop", "crop_fraction": 1.2}, "needs crop_fraction in",
+                     id="crop-fraction-above-one"),
+        pytest.param({"resize_mode": "shorter-side-crop", "crop_fraction": "0.875"}, "needs crop_fraction in",
+                     id="crop-fraction-string"),
+        pytest.param({"crop_fraction": 0.875}, "crop_fraction applies only to resize_mode shorter-side-crop",
+                     id="crop-fraction-with-stretch"),
+        pytest.param({"background": [0, 0, 0]}, "background needs 1 integers in", id="background-channels"),
+        pytest.param({"background": [256]}, "background needs 1 integers in", id="background-above-255"),
+        pytest.param({"background": [0.5]}, "background needs 1 integers in", id="background-fraction"),
+        pytest.param({"background": [True]}, "background needs 1 integers in", id="background-bool"),
+        pytest.param({"background": "white"}, "background needs 1 integers in", id="background-string"),
+        pytest.param({"background": 0}, "malformed preprocessing metadata", id="background-scalar"),
     ],
 )
 def test_from_metadata_refuses_bad_contract_metadata(meta, message):
     assert Preprocessing.from_metadata(GOOD) == Preprocessing((8, 8), "L", (0.5,), (0.25,), "bilinear")
     with pytest.raises(ContractError, match=message):
         Preprocessing.from_metadata({**GOOD, **meta})
+
+
+def test_read_spec_refuses_an_unknown_resize_mode():
+    inputs = [contract.Tensor(contract.INPUT_NAME, "tensor(float)", ["N", 1, 8, 8])]
+    outputs = [contract.Tensor(contract.LOGITS, "tensor(float)", ["N", 2])]
+    with pytest.raises(ContractError, match="resize_mode must be one of"):
+        contract.read_spec({**GOOD, "contract_version": 2, "resize_mode": "letterbox"}, inputs, outputs, name="m",
+                           version="v")
+
+
+def test_metadata_of_every_field_round_trips():
+    pre = Preprocessing((24, 40), "RGB", (0.4, 0.5, 0.6), (0.2, 0.3, 0.4), "bicubic", "shorter-side-crop", 0.875,
+                        (255, 250, 240), FitToContent(0.2, 16))
+    meta = pre.to_metadata()
+    assert {k: meta[k] for k in contract.PREPROCESSING_V2_KEYS} == {
+        "resize_mode": "shorter-side-crop", "crop_fraction": 0.875, "background": [255, 250, 240],
+        "fit_to_content": {"margin": 0.2, "threshold": 16}}
+    assert Preprocessing.from_metadata(meta) == pre
+
+
+def test_metadata_of_contract_version_1_reads_as_stretch_onto_black():
+    pre = Preprocessing.from_metadata({**GOOD, "contract_version": 1})
+    assert (pre.resize_mode, pre.crop_fraction, pre.background, pre.fit_to_content) == ("stretch", None, (0,), None)
 
 
 def test_preprocessing_refuses_fit_to_content_that_is_not_one():
