@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
-from model.config import TrainConfig
+from contract import FitToContent
+from model.config import TrainConfig, background
 from model.preprocessing import Preprocessing
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -96,10 +97,11 @@ def digit_images() -> tuple[list[Image.Image], np.ndarray]:
     return [Image.fromarray(p, "L") for p in pixels], digits.target.astype(np.int64)
 
 
-def load_digits_data(image_size: int, val_fraction: float, split_seed: int, resize: str) -> DataBundle:
+def load_digits_data(image_size: int, val_fraction: float, split_seed: int, resize: str, **fields) -> DataBundle:
+    """``fields``: the further ``Preprocessing`` fields (resize_mode, crop_fraction, background, fit_to_content)."""
     images, targets = digit_images()
     train_idx, val_idx = stratified_split(targets, val_fraction, split_seed)
-    pre = Preprocessing((image_size, image_size), "L", (0.0,), (1.0,), resize)
+    pre = Preprocessing((image_size, image_size), "L", (0.0,), (1.0,), resize, **fields)
     train = tensor_dataset([images[i] for i in train_idx], targets[train_idx], pre)
     val = tensor_dataset([images[i] for i in val_idx], targets[val_idx], pre)
     labels = [str(d) for d in range(10)]
@@ -173,13 +175,13 @@ def drop_unreadable(parts: dict[Path, dict[str, list[Path]]], pre: Preprocessing
 
 def load_folder_data(
     root: Path, image_size: int, colour_mode: str, val_fraction: float, split_seed: int, resize: str, flip: bool,
-    skip_bad: bool = False,
+    skip_bad: bool = False, **fields,
 ) -> DataBundle:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
     pre = Preprocessing((image_size, image_size), colour_mode, (0.0,) * (3 if colour_mode == "RGB" else 1),
-                        (1.0,) * (3 if colour_mode == "RGB" else 1), resize)
+                        (1.0,) * (3 if colour_mode == "RGB" else 1), resize, **fields)
     if (root / "train").is_dir() and (root / "val").is_dir():
         train_classes, val_classes = scan_classes(root / "train"), scan_classes(root / "val")
         labels = sorted(train_classes)
@@ -234,14 +236,23 @@ def load_bundle(cfg: TrainConfig) -> DataBundle:
         mode = "L" if cfg.data == "digits" else "RGB"
         if cfg.colour_mode not in (None, mode):
             raise DataError(f"{cfg.data} images are {mode}: drop --colour-mode {cfg.colour_mode} or pass {mode}")
+    mode = {"digits": "L", "cifar10": "RGB"}.get(cfg.data, cfg.colour_mode or "RGB")
+    fields = preprocessing_fields(cfg, 1 if mode == "L" else 3)
     if cfg.data == "digits":
-        return load_digits_data(cfg.image_size, cfg.val_fraction, cfg.split_seed, cfg.resize)
+        return load_digits_data(cfg.image_size, cfg.val_fraction, cfg.split_seed, cfg.resize, **fields)
     if cfg.data == "cifar10":
-        return load_cifar10_data(Path(cfg.data_dir), cfg.image_size, cfg.resize, cfg.download)
+        return load_cifar10_data(Path(cfg.data_dir), cfg.image_size, cfg.resize, cfg.download, **fields)
     return load_folder_data(
-        Path(cfg.data), cfg.image_size, cfg.colour_mode or "RGB", cfg.val_fraction, cfg.split_seed, cfg.resize,
-        flip=True if cfg.flip is None else cfg.flip, skip_bad=cfg.skip_bad_images,
+        Path(cfg.data), cfg.image_size, mode, cfg.val_fraction, cfg.split_seed, cfg.resize,
+        flip=True if cfg.flip is None else cfg.flip, skip_bad=cfg.skip_bad_images, **fields,
     )
+
+
+def preprocessing_fields(cfg: TrainConfig, channels: int) -> dict:
+    """The ``Preprocessing`` fields beyond size, colour mode and filter that the config's flags name."""
+    return {"resize_mode": cfg.resize_mode or "stretch", "crop_fraction": cfg.crop_fraction,
+            "background": background(cfg, channels),
+            "fit_to_content": FitToContent(cfg.fit_margin, cfg.fit_threshold) if cfg.fit_to_content else None}
 
 
 def download_cifar10(root: Path, url: str = CIFAR10_URL, md5: str | None = CIFAR10_MD5) -> Path:
@@ -270,7 +281,8 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(batch[b"labels"], dtype=np.int64)
 
 
-def load_cifar10_data(root: Path, image_size: int, resize: str, download: bool, url: str = CIFAR10_URL) -> DataBundle:
+def load_cifar10_data(root: Path, image_size: int, resize: str, download: bool, url: str = CIFAR10_URL,
+                      **fields) -> DataBundle:
     root = Path(root)
     folder = root if (root / "batches.meta").exists() else root / CIFAR10_DIR
     if not (folder / "batches.meta").exists():
@@ -284,10 +296,10 @@ def load_cifar10_data(root: Path, image_size: int, resize: str, download: bool, 
         raise DataError(f"{folder} holds no data_batch_* files")
     train_x, train_y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     val_x, val_y = read_cifar_batch(folder / "test_batch")
-    pre = Preprocessing((image_size, image_size), "RGB", (0.0,) * 3, (1.0,) * 3, resize)
+    pre = Preprocessing((image_size, image_size), "RGB", (0.0,) * 3, (1.0,) * 3, resize, **fields)
 
     def as_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        if image_size == 32:
+        if image_size == 32 and pre.resize_mode == "stretch" and pre.fit_to_content is None:  # the pixels as they are
             return TensorDataset(torch.from_numpy(x.copy()), torch.from_numpy(y))
         images = [Image.fromarray(a.transpose(1, 2, 0), "RGB") for a in x]
         return tensor_dataset(images, y, pre)
