@@ -27,7 +27,7 @@ OUTPUT_NAMES = (LOGITS, PROBABILITIES)
 # metadata_props keys a server needs (preprocessing and labels); everything else export writes is descriptive.
 REQUIRED_KEYS = ("labels", "input_size", "colour_mode", "mean", "std", "resize")
 DESCRIPTIVE_KEYS = ("contract_version", "name", "arch", "shortcut", "residual", "data", "val_accuracy", "metrics",
-                    "created_at", "training_config", "precision")
+                    "created_at", "training_config", "precision", "quantization")
 
 COLOUR_MODES = {"L": 1, "RGB": 3}  # Pillow mode -> channels
 RESIZE_FILTERS = {
