@@ -29,12 +29,13 @@ def create() -> FastAPI:
     h, w = meta["input_size"]
     mean = np.asarray(meta["mean"], np.float32).reshape(-1, 1, 1)
     std = np.asarray(meta["std"], np.float32).reshape(-1, 1, 1)
+    pixels_in = session.get_inputs()[0].type == "tensor(uint8)"  # the graph normalises (export --uint8-input)
 
     def prepare(data: bytes) -> np.ndarray:
         img = Image.open(io.BytesIO(data)).convert(meta["colour_mode"]).resize((w, h), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, np.float32) / 255.0
+        arr = np.asarray(img, np.uint8 if pixels_in else np.float32)
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-        return (arr - mean) / std
+        return arr if pixels_in else (arr / 255.0 - mean) / std
 
     def infer(images: list[bytes]) -> dict:
         x = np.stack([prepare(d) for d in images])

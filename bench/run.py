@@ -4,6 +4,7 @@ off (MAX_BATCH_SIZE=1) and on, side by side in one run, on this machine.
     python -m bench.run                 # resnet20 (default model), zero-cost and resnet50 at 224x224, 3 repeats
     python -m bench.run --quick         # resnet20 and zero-cost only, 1 repeat, short cells
     python -m bench.run --open-loop 2x  # also a constant arrival rate of twice each server's measured capacity
+    python -m bench.run --model-file fp32=a.onnx --model-file int8=b.onnx  # given files, interleaved, every server
 
 ``zero`` is a model that costs microseconds (``bench/zero_cost.py``) with the default model's contract: its row
 is the serving path's own ceiling. Closed-loop load comes from wrk (Debian package ``wrk``; C, so it leaves the
@@ -153,6 +154,13 @@ def ort_alone(model: Path, seconds: float, device: str = "cpu",
     if device == "cuda" and session.get_providers()[0] != CUDA:
         raise SystemExit(f"--device cuda, but onnxruntime runs on {session.get_providers()[0]}")
     shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]
+    uint8_input = session.get_inputs()[0].type == "tensor(uint8)"  # pixels the graph normalises (--uint8-input)
+
+    def sample(n: int) -> np.ndarray:
+        rng = np.random.default_rng(0)
+        if uint8_input:
+            return rng.integers(0, 256, (n, *shape[1:]), dtype=np.uint8)
+        return rng.standard_normal((n, *shape[1:])).astype(np.float32)
 
     def numpy_run(x: np.ndarray):
         return lambda: session.run([LOGITS], {INPUT_NAME: x})
@@ -179,7 +187,7 @@ def ort_alone(model: Path, seconds: float, device: str = "cpu",
     for mode, make in modes.items():
         per_mode[mode] = {}
         for n in batches:
-            run = make(np.random.default_rng(0).standard_normal((n, *shape[1:])).astype(np.float32))
+            run = make(sample(n))
             for _ in range(3):  # first runs allocate (and on CUDA choose conv algorithms)
                 run()
             runs, start = 0, time.perf_counter()
@@ -480,12 +488,23 @@ def machine(device: str) -> str:
 # --- main ---------------------------------------------------------------------------------------
 
 
+def named_file(text: str) -> tuple[str, Path]:
+    """``NAME=PATH`` of --model-file: an existing file under a name for the tables."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH of an existing ONNX file, got {text!r}")
+    return name, Path(path).resolve()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="resnet20 and zero, c=1, 8 and 32, 1 repeat, 2 s cells")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=4, help="wrk duration per cell")
-    parser.add_argument("--models", default="resnet20,zero,resnet50", help="of resnet20, zero, resnet50, resnet50-fp16")
+    parser.add_argument("--models", default=None, help="of resnet20, zero, resnet50, resnet50-fp16 and the "
+                        "--model-file names (default: resnet20,zero,resnet50, or the --model-file names alone)")
+    parser.add_argument("--model-file", metavar="NAME=PATH", action="append", default=[], type=named_file,
+                        help="also serve this ONNX file, as model NAME, by every server kind (repeatable)")
     parser.add_argument("--open-loop", metavar="RATES", type=open_loop.parse_rates,
                         help="after each server's closed-loop cells, a constant arrival rate of --open-loop-payload: "
                         "e.g. 2x (of that server's best measured req/s), 1500 (req/s), or a list: 1x,2x")
@@ -507,7 +526,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--open-loop rates relative to capacity need {args.open_loop_payload} among --payloads")
     if args.open_loop and shutil.which("h2load") is None:
         raise SystemExit("--open-loop needs h2load: apt-get install nghttp2-client")
-    models, servers = args.models.split(","), args.servers.split(",")
+    given = dict(args.model_file)
+    models = args.models.split(",") if args.models else list(given) or ["resnet20", "zero", "resnet50"]
+    if unknown := [m for m in models if m not in ("resnet20", "zero", "resnet50", "resnet50-fp16", *given)]:
+        parser.error(f"--models: unknown {unknown}; give a file with --model-file NAME=PATH")
+    servers = args.servers.split(",")
     trees = {}
     if args.against:
         trees[args.against] = args.out / f"tree-{re.sub(r'[^A-Za-z0-9_.-]', '_', args.against)}"
@@ -518,10 +541,10 @@ def main(argv: list[str] | None = None) -> None:
         peers = ("naive_app", "torchserve")  # not ours: no earlier revision of them
         servers = [x for s in servers for x in ([s] if s in peers else [s, f"{s}@{args.against}"])]
     if args.quick:
-        args.repeats, args.seconds, models, concurrency = 1, 2, ["resnet20", "zero"], (1, 8, 32)
+        args.repeats, args.seconds, models, concurrency = 1, 2, list(given) or ["resnet20", "zero"], (1, 8, 32)
     args.out.mkdir(parents=True, exist_ok=True)
     inputs = write_payloads(args.out / "payloads")
-    model_files = {"resnet20": ROOT / "models" / "default.onnx"}
+    model_files = {"resnet20": ROOT / "models" / "default.onnx", **given}
     if "zero" in models:
         model_files["zero"] = zero_cost_model(model_files["resnet20"], args.out / "zero-cost.onnx")
     if {"resnet50", "resnet50-fp16"} & set(models):
@@ -536,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for repeat in range(args.repeats):
         cells, open_cells = {}, {}
-        for m in models:
+        for m in models if repeat % 2 == 0 else models[::-1]:  # as for servers, below
             # onnxruntime alone in every repeat too: the ratios to it then see the same machine load.
             a = ort_alone(model_files[m], 7.0 if not args.quick else 3.5, args.device, batches)
             alone_runs[m].append(a)

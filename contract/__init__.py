@@ -1,6 +1,7 @@
 """The ONNX contract between ``model/`` (which writes it) and ``service/`` (which reads it), defined once.
 
-An exported classifier is one ONNX file with input ``input`` (float32, N x C x H x W, N dynamic), outputs
+An exported classifier is one ONNX file with input ``input`` (float32 normalised, or uint8 pixels that the graph
+normalises itself; N x C x H x W, N dynamic), outputs
 ``logits`` and ``probabilities`` (N x classes), and ``metadata_props`` whose values are JSON: labels,
 preprocessing, architecture and measured metrics. This module owns the names, the metadata keys and their
 validation, the preprocessing description (``Preprocessing``) with its 8-bit image steps, and ``ModelSpec``,
@@ -28,9 +29,12 @@ OUTPUT_NAMES = (LOGITS, PROBABILITIES)
 # metadata_props keys a server needs (preprocessing and labels); everything else export writes is descriptive.
 REQUIRED_KEYS = ("labels", "input_size", "colour_mode", "mean", "std", "resize")
 DESCRIPTIVE_KEYS = ("contract_version", "name", "arch", "shortcut", "residual", "data", "val_accuracy", "metrics",
-                    "created_at", "training_config", "precision")
+                    "created_at", "training_config", "precision", "quantization", "input_dtype")
 # Preprocessing keys added by contract version 2: optional, and absent they mean what version 1 did.
 PREPROCESSING_V2_KEYS = ("resize_mode", "crop_fraction", "background", "fit_to_content")
+# The input types a model may take -> numpy dtype: float32 already normalised (x / 255 - mean) / std, or uint8
+# pixels that the graph normalises itself (issue 14 item 4: 4x less to copy, no float arithmetic in the server).
+INPUT_TYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8"}
 
 COLOUR_MODES = {"L": 1, "RGB": 3}  # Pillow mode -> channels
 RESIZE_FILTERS = {
@@ -317,6 +321,7 @@ class ModelSpec:
     output_name: str  # the logits output; probabilities are computed by the service
     preprocessing: Preprocessing
     metadata: dict = field(default_factory=dict)  # everything in metadata_props, decoded
+    input_dtype: str = "float32"  # of INPUT_TYPES' values: what the server feeds the input
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -349,8 +354,9 @@ def read_spec(meta: Mapping, inputs: Sequence[Tensor], outputs: Sequence[Tensor]
     if len(inputs) != 1:
         raise ContractError(f"model must have exactly one input, has {len(inputs)}")
     inp = inputs[0]
-    if inp.type != "tensor(float)" or len(inp.shape) != 4:
-        raise ContractError(f"model input must be a float32 N x C x H x W tensor, is {inp.type} {list(inp.shape)}")
+    if inp.type not in INPUT_TYPES or len(inp.shape) != 4:
+        raise ContractError(f"model input must be a float32 or uint8 N x C x H x W tensor, is {inp.type} "
+                            f"{list(inp.shape)}")
     for axis, want in ((1, pre.channels), (2, pre.input_size[0]), (3, pre.input_size[1])):
         have = inp.shape[axis]
         if isinstance(have, int) and have != want:
@@ -362,4 +368,4 @@ def read_spec(meta: Mapping, inputs: Sequence[Tensor], outputs: Sequence[Tensor]
     if len(output.shape) != 2 or (isinstance(classes, int) and classes != len(labels)):
         raise ContractError(f"output {output.name!r} has shape {list(output.shape)}, expected [N, {len(labels)}]")
     return ModelSpec(name=name, version=version, labels=labels, input_name=inp.name, output_name=output.name,
-                     preprocessing=pre, metadata=dict(meta))
+                     preprocessing=pre, metadata=dict(meta), input_dtype=INPUT_TYPES[inp.type])

@@ -237,7 +237,7 @@ async def classify_images(state: ServiceState, images: list[bytes], gone: Awaita
 
 async def classify_tensors(state: ServiceState, x: np.ndarray, gone: Awaitable[None] | None = None
                            ) -> Classification:
-    """Preprocessed input (N, C, H, W) float32 -> logits, through the same micro-batcher."""
+    """Preprocessed input (N, C, H, W), in the model's input dtype -> logits, through the same micro-batcher."""
     pipeline, batcher = _admit(state, len(x))
 
     async def infer() -> Classification:

@@ -148,7 +148,7 @@ def parameters(params: Any) -> dict[str, Any]:
 
 
 # Which typed-contents field carries each datatype this server accepts; anything else in contents is a lie.
-CONTENTS_FIELD = {"FP32": "fp32_contents", "BYTES": "bytes_contents"}
+CONTENTS_FIELD = {"FP32": "fp32_contents", "UINT8": "uint_contents", "BYTES": "bytes_contents"}
 
 
 def input_bytes(request: pb.ModelInferRequest, i: int, datatype: str) -> bytes:
@@ -173,6 +173,11 @@ def input_bytes(request: pb.ModelInferRequest, i: int, datatype: str) -> bytes:
                                              f"got {', '.join(others)}")
     if datatype == "FP32":
         return np.asarray(inp.contents.fp32_contents, "<f4").tobytes()
+    if datatype == "UINT8":  # the protocol carries UINT8 in uint32 fields
+        values = np.asarray(inp.contents.uint_contents, np.uint32)
+        if values.size and values.max() > 255:
+            raise errors.InvalidInferenceRequest(f"input {inp.name!r}: UINT8 data must be integers 0..255")
+        return values.astype(np.uint8).tobytes()
     return b"".join(struct.pack("<I", len(e)) + e for e in inp.contents.bytes_contents)
 
 

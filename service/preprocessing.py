@@ -63,7 +63,7 @@ class ImageHeader:
 
 @dataclass
 class ImageInput:
-    x: np.ndarray  # (C, H, W) float32, normalised
+    x: np.ndarray  # (C, H, W): float32 normalised, or uint8 pixels for a model that normalises them itself
     decode_s: float
     preprocess_s: float
 
@@ -74,6 +74,7 @@ class Preprocessor:
         self.max_pixels = max_pixels
         self.mean = np.asarray(spec.preprocessing.mean, np.float32).reshape(-1, 1, 1)
         self.std = np.asarray(spec.preprocessing.std, np.float32).reshape(-1, 1, 1)
+        self.pixels_in = spec.input_dtype == "uint8"  # the graph scales and normalises (export --uint8-input)
         h, w = spec.input_size
         self.small_input = h * w <= INLINE_PIXELS
         Image.init()  # register every format plugin now, not on the first request (tens of ms)
@@ -117,8 +118,12 @@ class Preprocessor:
         return img
 
     def preprocess(self, img: Image.Image) -> np.ndarray:
-        """The contract's steps (colour mode, resize) to uint8 (C, H, W), then normalised float32."""
-        x = self.spec.preprocessing.to_array(img).astype(np.float32) / np.float32(255.0)  # (C, H, W) in [0, 1]
+        """The contract's steps (colour mode, resize) to uint8 (C, H, W), then normalised float32 unless the model
+        takes the pixels."""
+        pixels = self.spec.preprocessing.to_array(img)
+        if self.pixels_in:
+            return pixels
+        x = pixels.astype(np.float32) / np.float32(255.0)  # (C, H, W) in [0, 1]
         return (x - self.mean) / self.std
 
     def finish(self, header: ImageHeader) -> ImageInput:

@@ -1,5 +1,6 @@
 """The Open Inference Protocol (KServe V2) codec, free of any transport: its request and response schemas,
-tensors (FP32 and BYTES, JSON or Triton's binary tensor data extension) and model metadata. The REST door
+tensors (FP32, or UINT8 for a model that takes pixels, and BYTES, JSON or Triton's binary tensor data
+extension) and model metadata. The REST door
 (``service.v2``) uses it, and any other door of the protocol can.
 
 Specs: kserve/open-inference-protocol ``specification/protocol/inference_rest.md``;
@@ -31,6 +32,9 @@ PLATFORM = "onnxruntime_onnx"  # the platform string Triton gives an ONNX model 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration", "statistics"]
 OUTPUTS = OUTPUT_NAMES  # probabilities: runtime.softmax of the logits, as /predict computes them
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# The model's input dtype (``ModelSpec.input_dtype``) -> the protocol's datatype and what a client sends in it.
+TENSOR_DATATYPES = {"float32": "FP32", "uint8": "UINT8"}
+TENSOR_MEANING = {"FP32": "preprocessed", "UINT8": "pixels 0..255, normalised by the model"}
 # Parameters that ask for a feature this server lacks. Ignoring them would answer a different question
 # (data in the body where shared memory was named).
 UNSUPPORTED = {"shared_memory_region": "shared memory"}
@@ -174,7 +178,11 @@ def refuse_unsupported(parameters: Parameters, where: str) -> None:
 
 
 def read_input(req: InferenceRequest, binary: memoryview, spec: ModelSpec) -> np.ndarray | list[bytes]:
-    """The request's one input: an (N, C, H, W) float32 batch (FP32) or N encoded images (BYTES)."""
+    """The request's one input: an (N, C, H, W) batch in the model's input datatype (FP32, or UINT8 for a model that
+    normalises pixels itself) or N encoded images (BYTES).
+
+    FP32 sent to a UINT8 model is refused, not converted: an FP32 tensor here means normalised input, and guessing
+    the scale a client meant would answer confidently wrong; the model metadata says which datatype to send."""
     if len(req.inputs) != 1:
         raise InvalidInferenceRequest(f"model {spec.name!r} takes one input, got {len(req.inputs)}")
     inp = req.inputs[0]
@@ -182,22 +190,25 @@ def read_input(req: InferenceRequest, binary: memoryview, spec: ModelSpec) -> np
     if inp.name != spec.input_name:
         raise InvalidInferenceRequest(f"unknown input {inp.name!r}: model {spec.name!r} takes {spec.input_name!r}")
     refuse_unsupported(inp.parameters, where)
-    if inp.datatype == "FP32":
+    datatype = TENSOR_DATATYPES[spec.input_dtype]
+    if inp.datatype == datatype:
         if len(inp.shape) != 4 or inp.shape[1:] != [spec.channels, *spec.input_size]:
             c, (h, w) = spec.channels, spec.input_size
-            raise InvalidInferenceRequest(f"{where}: FP32 shape must be [N, {c}, {h}, {w}], got {inp.shape}")
+            raise InvalidInferenceRequest(f"{where}: {datatype} shape must be [N, {c}, {h}, {w}], got {inp.shape}")
     elif inp.datatype == "BYTES":
         if len(inp.shape) != 1:
             raise InvalidInferenceRequest(f"{where}: BYTES holds one encoded image per element, shape [N]; "
                                           f"got {inp.shape}")
     else:
-        raise InvalidInferenceRequest(f"{where}: datatype {inp.datatype!r} is not accepted: send FP32 "
-                                      "(preprocessed, [N, C, H, W]) or BYTES (encoded images, [N])")
+        raise InvalidInferenceRequest(f"{where}: datatype {inp.datatype!r} is not accepted: send {datatype} "
+                                      f"({TENSOR_MEANING[datatype]}, [N, C, H, W]) or BYTES (encoded images, [N])")
     n = inp.shape[0]
     if n < 1:
         raise InvalidInferenceRequest(f"{where}: the batch is empty")
     raw = tensor_bytes(inp, binary, where)
-    return fp32_tensor(inp, raw, where) if inp.datatype == "FP32" else encoded_images(inp, raw, where)
+    if inp.datatype == "BYTES":
+        return encoded_images(inp, raw, where)
+    return fp32_tensor(inp, raw, where) if datatype == "FP32" else uint8_tensor(inp, raw, where)
 
 
 def tensor_bytes(inp: RequestInput, binary: memoryview, where: str) -> memoryview | None:
@@ -237,6 +248,23 @@ def fp32_tensor(inp: RequestInput, raw: memoryview | None, where: str) -> np.nda
     if not np.isfinite(x).all():
         raise InvalidInferenceRequest(f"{where}: data holds NaN or infinity")
     return x
+
+
+def uint8_tensor(inp: RequestInput, raw: memoryview | None, where: str) -> np.ndarray:
+    count = math.prod(inp.shape)
+    if raw is not None:
+        if len(raw) != count:
+            raise InvalidInferenceRequest(f"{where}: UINT8 {inp.shape} is {count} bytes, got {len(raw)}")
+        return np.frombuffer(raw, np.uint8).reshape(inp.shape)
+    try:
+        values = np.asarray(inp.data)
+    except ValueError as e:  # ragged nesting
+        raise InvalidInferenceRequest(f"{where}: data is not a regular array") from e
+    if values.dtype.kind not in "iu" or (values.size and (values.min() < 0 or values.max() > 255)):
+        raise InvalidInferenceRequest(f"{where}: UINT8 data must be integers 0..255")
+    if values.size != count:
+        raise InvalidInferenceRequest(f"{where}: shape {inp.shape} holds {count} values, data has {values.size}")
+    return values.reshape(inp.shape).astype(np.uint8)
 
 
 def encoded_images(inp: RequestInput, raw: memoryview | None, where: str) -> list[bytes]:
@@ -356,9 +384,10 @@ def encode_response(req: InferenceRequest, spec: ModelSpec, logits: np.ndarray, 
 
 def model_metadata_of(spec: ModelSpec) -> ModelMetadata:
     classes = [-1, len(spec.labels)]
+    datatype = TENSOR_DATATYPES[spec.input_dtype]
     return ModelMetadata(
         name=spec.name, versions=[spec.version], platform=PLATFORM,
-        inputs=[TensorMetadata(name=spec.input_name, datatype="FP32", shape=spec.input_shape)],
+        inputs=[TensorMetadata(name=spec.input_name, datatype=datatype, shape=spec.input_shape)],
         outputs=[TensorMetadata(name=name, datatype="FP32", shape=classes) for name in OUTPUTS],
     )
 
@@ -388,8 +417,8 @@ def model_config_of(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
         "platform": PLATFORM,
         "backend": "onnxruntime",
         "max_batch_size": settings.max_batch_size,
-        "input": [{"name": spec.input_name, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW",
-                   "dims": [spec.channels, *spec.input_size]}],
+        "input": [{"name": spec.input_name, "data_type": f"TYPE_{TENSOR_DATATYPES[spec.input_dtype]}",
+                   "format": "FORMAT_NCHW", "dims": [spec.channels, *spec.input_size]}],
         "output": [{"name": name, "data_type": "TYPE_FP32", "dims": classes} for name in OUTPUTS],
         "dynamic_batching": {"preferred_batch_size": [settings.max_batch_size],
                              "max_queue_delay_microseconds": round(settings.max_batch_delay_ms * 1000)},

@@ -96,7 +96,7 @@ class Model:
         return model
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """x: (N, C, H, W) float32 -> logits (N, classes) float32."""
+        """x: (N, C, H, W) in the model's input dtype (``spec.input_dtype``) -> logits (N, classes) float32."""
         if not self.io_binding:
             return self.session.run([self.spec.output_name], {self.spec.input_name: x})[0]
         # IO binding: onnxruntime copies the input to the device once and writes the logits straight
@@ -112,7 +112,7 @@ class Model:
         (allocations, and on CUDA, cuDNN's per-shape algorithm choice)."""
         h, w = self.spec.input_size
         for n in range(1, max_batch_size + 1):
-            out = self.run(np.zeros((n, self.spec.channels, h, w), np.float32))
+            out = self.run(np.zeros((n, self.spec.channels, h, w), self.spec.input_dtype))
             if out.shape != (n, len(self.spec.labels)) or not np.isfinite(out).all():
                 raise ModelLoadError(f"warm-up at batch {n} gave shape {out.shape} or non-finite logits")
 

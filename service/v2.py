@@ -4,11 +4,11 @@ Triton's and KServe's clients and tools work against this service.
 With Triton's extensions its clients call: classification (``class_count``), the model repository index, model
 configuration and statistics.
 
-Another door into ``service.core``, not a second implementation: FP32 tensors go through ``classify_tensors``,
-BYTES tensors of encoded images through ``classify_images`` (decoded and preprocessed exactly as for
-``/predict``), under the same limits, micro-batcher, deadlines and API keys (with keys set, everything but health
-needs one). The tensors and schemas are ``service.protocol``'s; failures are ``{"error": ...}``, 400 where FastAPI
-would say 422, as the protocol asks.
+Another door into ``service.core``, not a second implementation: FP32 (or UINT8) tensors go through
+``classify_tensors``, BYTES tensors of encoded images through ``classify_images`` (decoded and preprocessed exactly
+as for ``/predict``), under the same limits, micro-batcher, deadlines and API keys (with keys set, everything but
+health needs one). The tensors and schemas are ``service.protocol``'s; failures are ``{"error": ...}``, 400 where
+FastAPI would say 422, as the protocol asks.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ async def infer(
     serving: Served,
     inference_header_content_length: Annotated[int | None, Header(ge=0)] = None,
 ) -> Response:
-    """Classify FP32 tensors (preprocessed) or BYTES tensors (encoded images), as JSON or binary tensor data."""
+    """Classify tensors (FP32 preprocessed, or UINT8 pixels for a model that takes them) or BYTES (encoded images)."""
     started = time.perf_counter()
     body = await read_body(request.receive, request.headers, state.settings)
     header, binary = split_body(body, inference_header_content_length)

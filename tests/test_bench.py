@@ -12,7 +12,7 @@ import pytest
 from bench import open_loop
 from bench.harness import wait_ready
 from bench.open_loop import parse_rates
-from bench.run import PAYLOADS, markdown, median_alone, median_cells, parse_ms, targets
+from bench.run import PAYLOADS, markdown, median_alone, median_cells, named_file, parse_ms, targets
 from bench.zero_cost import zero_cost_model
 from service.settings import Settings
 from tests.images import encode, one_per_class
@@ -30,6 +30,22 @@ def test_parse_ms_reads_every_wrk_unit(text, ms):
 def test_parse_ms_refuses_what_wrk_never_prints(text):
     with pytest.raises(ValueError, match="unparsable"):
         parse_ms(text)
+
+
+def test_named_file_reads_name_and_path(default_model):
+    assert named_file(f"int8={default_model}") == ("int8", default_model.resolve())
+
+
+@pytest.mark.parametrize("text", [
+    pytest.param("{model}", id="no-name"),
+    pytest.param("={model}", id="empty-name"),
+    pytest.param("int8={model}.missing", id="no-such-file"),
+])
+def test_named_file_refuses_what_is_not_name_and_file(default_model, text):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="expected NAME=PATH"):
+        named_file(text.format(model=default_model))
 
 
 def cell(req_s: float, p50: float = 10.0, p99: float = 20.0, images: int = 1) -> dict:

@@ -297,7 +297,7 @@ def model_with_flat_input(tmp_path, default_model) -> str:
     [
         pytest.param(lambda tmp, m: {"model_path": tmp / "missing.onnx"}, "model file not found", id="missing-file"),
         pytest.param(lambda tmp, m: {"model_path": model_with_flat_input(tmp, m)},
-                     "model input must be a float32 N x C x H x W tensor", id="wrong-input-rank"),
+                     "model input must be a float32 or uint8 N x C x H x W tensor", id="wrong-input-rank"),
         pytest.param(lambda tmp, m: {"model_path": corrupt_model(tmp)}, "onnxruntime cannot load", id="corrupt"),
         pytest.param(lambda tmp, m: {"model_path": model_without_labels(tmp, m)},
                      "model metadata lacks required key 'labels'", id="no-labels-metadata"),
