@@ -15,6 +15,7 @@ import uvicorn
 from service import access_log
 from service.app import create_app
 from service.lifecycle import keep_clean_exit_after_drain
+from service.server import capped_head
 from service.settings import Settings
 
 
@@ -35,6 +36,7 @@ def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
         # uvicorn's own access log is off: service.access_log writes one, with the status and the duration.
         timeout_graceful_shutdown=settings.drain_timeout_s, access_log=False,
+        http=capped_head(settings.max_header_bytes),
     )
     uvicorn.Server(config).run(sockets=sockets)
 

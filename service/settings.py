@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0, description="longest time a request body may take to arrive (408)")
     ui_enabled: bool = Field(True, description="serve the page at / that tries the model in a browser (off: 404)")
     # limits
+    # Node's and h11's default; nginx allows 32 KiB in four buffers. Clients of this service send a few hundred bytes.
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line and headers (431 past it)")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="request body limit, enforced while reading")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height limit, checked before decoding")
     max_batch_images: int = Field(64, ge=1, description="image parts accepted in one multipart request")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from bench.harness import start_service
 from tests.images import encode, one_per_class
@@ -205,3 +206,54 @@ def test_sighup_reloads_every_worker(tmp_path, default_model):
     finally:
         code = server.stop()
     assert code == 0, server.log_tail()
+
+
+def exchange(port: int, parts: list[bytes]) -> bytes:
+    """Send ``parts`` one by one (the server may answer and close before the last); the reply, whole."""
+    reply = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        try:
+            for part in parts:
+                s.sendall(part)
+                time.sleep(0.01)  # separate reads, so a head drip-fed over many packets is counted across them
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            while chunk := s.recv(65536):
+                reply += chunk
+        except ConnectionResetError:
+            pass
+    return reply
+
+
+PNG = encode(one_per_class()[7][0], "PNG")
+HEAD_LIMIT = 4096
+
+
+def post(headers: bytes = b"", target: bytes = b"/predict", body: bytes = PNG) -> bytes:
+    return (b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nConnection: close\r\n" + headers
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+@pytest.mark.parametrize(
+    ("parts", "status"),
+    [
+        pytest.param([post(b"X-Big: " + b"a" * 100_000 + b"\r\n")], 431, id="one-100kB-header"),
+        pytest.param([post(b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 60) for i in range(100)))], 431,
+                     id="many-headers-over-the-limit"),
+        pytest.param([post(target=b"/predict?" + b"q" * 5000)], 431, id="long-request-line"),
+        pytest.param([b"GET /health/live HTTP/1.1\r\nHost: x\r\n"] + [b"X-Drip: %s\r\n" % (b"d" * 90)] * 80, 431,
+                     id="head-drip-fed-never-ending"),
+        pytest.param([post(b"X-Fine: " + b"c" * 3000 + b"\r\n")], 200, id="under-the-limit"),
+        pytest.param([post(body=PNG + b"\0" * 200_000)], 200, id="large-body-in-the-same-packets"),
+    ],
+)
+def test_request_head_over_limit_answered_431(live_server, parts, status):
+    server = live_server(RESNET_MAX_HEADER_BYTES=str(HEAD_LIMIT))
+    reply = exchange(server.port, parts)
+    assert reply.startswith(b"HTTP/1.1 %d" % status), reply[:300]
+    if status == 431:
+        assert reply.endswith(b'{"detail":"request line and headers too large: limit 4096 bytes '
+                              b'(RESNET_MAX_HEADER_BYTES)"}'), reply[:300]
+    r = httpx.post(f"{server.url}/predict", content=PNG, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text  # and the service keeps serving

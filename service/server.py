@@ -1,0 +1,73 @@
+"""The HTTP server's part of the limits: uvicorn's httptools protocol with the request head (request line and
+headers) capped, answered 431 (RFC 6585 section 5). httptools itself buffers a head of any size, and the
+body, time and pixel limits only start once the head is in."""
+
+from __future__ import annotations
+
+import json
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+class HeadTooLarge(Exception):
+    pass
+
+
+class CappedHead(HttpToolsProtocol):
+    """Counts what arrives until a request's headers are complete; past ``max_head_bytes``, 431 and close.
+
+    Two counts, because a chunk may end the head and start the body: whole chunks while the head is still
+    open after them, and the parsed URL and header bytes, which cover the chunk that ends it.
+    """
+
+    max_head_bytes = 16 * 1024
+
+    def connection_made(self, transport) -> None:  # noqa: ANN001 - asyncio's Transport
+        super().connection_made(transport)
+        self.head_open, self.head_fed, self.head_parsed, self.head_too_large = True, 0, 0, False
+
+    def data_received(self, data: bytes) -> None:
+        if self.head_open:
+            self.head_fed += len(data)
+        super().data_received(data)
+        if self.head_open and self.head_fed > self.max_head_bytes and not self.head_too_large:
+            self.head_too_large = True
+            self.send_400_response("")
+
+    def count(self, n: int) -> None:
+        self.head_parsed += n
+        if self.head_parsed > self.max_head_bytes:
+            self.head_too_large = True
+            raise HeadTooLarge  # httptools turns it into a parser error, which uvicorn answers below
+
+    def on_url(self, url: bytes) -> None:
+        self.count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.count(len(name) + len(value) + 4)  # ": " and CRLF
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self.head_open = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.head_open, self.head_fed, self.head_parsed = True, 0, 0
+
+    def send_400_response(self, msg: str) -> None:
+        if not self.head_too_large:
+            super().send_400_response(msg)
+            return
+        body = json.dumps({"detail": f"request line and headers too large: limit {self.max_head_bytes} bytes "
+                                     "(RESNET_MAX_HEADER_BYTES)"}, separators=(",", ":")).encode()
+        self.logger.warning("431: request head over %d bytes from %s", self.max_head_bytes, self.client)
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
+
+
+def capped_head(max_head_bytes: int) -> type[CappedHead]:
+    """The protocol class uvicorn instantiates per connection, with the configured limit."""
+    return type("CappedHead", (CappedHead,), {"max_head_bytes": max_head_bytes})
