@@ -52,6 +52,13 @@ class TrainConfig:
     shift: int = option(2, "augmentation: random translation by up to this many pixels (pad + crop)")
     flip: bool | None = option(None, "augmentation: random horizontal flips (default: on for CIFAR-10 and "
                                      "folders, off for digits)")
+    zoom: float = option(0.0, "augmentation: random scale by exp(U(-zoom, zoom)), e.g. 0.15: factors 0.86 to 1.16")
+    stretch: float = option(0.0, "augmentation: then the width alone by exp(U(-stretch, stretch))")
+    rotate: float = option(0.0, "augmentation: random rotation by up to this many degrees")
+    shear: float = option(0.0, "augmentation: random horizontal slant by up to this many degrees")
+    translate: float = option(0.0, "augmentation: random sub-pixel translation by up to this share of the side")
+    thickness: int = option(0, "augmentation: strokes grown or thinned by up to this many 3x3 max-pools (bright "
+                               "ink on dark)")
     # optimisation
     epochs: int = option(30, "passes over the training set")
     batch_size: int = option(128, "images per SGD step, global over all processes")

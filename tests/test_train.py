@@ -17,7 +17,7 @@ import torch
 
 from bench.harness import free_port
 from model.config import TrainConfig, parse_args
-from model.engine import augment, lr_at
+from model.engine import Distortion, augment, distort, lr_at, thicken
 from model.train import MIN_STEPS_PER_EPOCH, few_steps_warning, train
 from tests.conftest import ROOT, make_class_folder
 
@@ -78,6 +78,42 @@ def test_augment_moves_uint8_pixels_as_it_moves_floats():
     as_uint8 = augment(pixels, 2, True, torch.Generator().manual_seed(5))
     as_float = augment(pixels.float(), 2, True, torch.Generator().manual_seed(5))
     assert as_uint8.dtype == torch.uint8 and torch.equal(as_uint8.float(), as_float)
+
+
+def test_distort_is_identity_when_every_range_is_zero():
+    x = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    out = distort(x, Distortion(), torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32 and torch.allclose(out, x.float(), atol=1e-3), (out - x.float()).abs().max()
+
+
+def test_distort_rotates_a_bar_by_at_most_its_limit():
+    x = torch.zeros(64, 1, 33, 33)
+    x[:, :, 4:29, 16] = 255.0  # a vertical bar through the centre
+    out = distort(x, Distortion(rotate=30), torch.Generator().manual_seed(0))
+    ys, xs = torch.meshgrid(torch.arange(33.0) - 16, torch.arange(33.0) - 16, indexing="ij")
+    w = out[:, 0] / out[:, 0].sum((1, 2), keepdim=True)
+    # the bar's direction from its second moments: 0 degrees is upright
+    sxx, syy, sxy = (w * xs * xs).sum((1, 2)), (w * ys * ys).sum((1, 2)), (w * xs * ys).sum((1, 2))
+    degrees = torch.rad2deg(0.5 * torch.atan2(2 * sxy, syy - sxx)).abs()
+    assert degrees.max() <= 31 and degrees.max() > 15, degrees  # within the limit, and really turned
+    assert torch.allclose(out.sum((1, 2, 3)), x.sum((1, 2, 3)), rtol=0.05), "the bar lost ink"
+
+
+def test_distort_is_the_same_for_the_same_seed_and_differs_between_images():
+    x = torch.rand(8, 1, 16, 16) * 255
+    d = Distortion(zoom=0.2, stretch=0.1, rotate=10, shear=10, translate=0.1, thickness=1)
+    a = distort(x, d, torch.Generator().manual_seed(7))
+    b = distort(x, d, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    same = distort(x[:1].repeat(8, 1, 1, 1), d, torch.Generator().manual_seed(7))
+    assert not torch.allclose(same[0], same[1]), "every image of the batch got the same distortion"
+
+
+def test_thicken_grows_and_thins_strokes_per_image():
+    x = torch.zeros(3, 1, 9, 9)
+    x[:, :, 2:7, 3:6] = 1.0  # a 3-pixel-wide stroke
+    out = thicken(x, torch.tensor([1, 0, -1]))
+    assert out[0].sum() == 7 * 5 and torch.equal(out[1], x[1]) and out[2].sum() == 3 * 1, out.sum((1, 2, 3))
 
 
 def test_train_learns_digits_and_is_deterministic(tmp_path):
