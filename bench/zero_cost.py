@@ -18,6 +18,7 @@ from contract import (
     COLOUR_MODES,
     INPUT_NAME,
     LOGITS,
+    PREPROCESSING_V2_KEYS,
     PROBABILITIES,
     REQUIRED_KEYS,
     decode_metadata,
@@ -47,7 +48,8 @@ def zero_cost_graph(meta: dict) -> onnx.ModelProto:
                      numpy_helper.from_array(np.zeros(classes, np.float32), "bias")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
-    described = {**{k: meta[k] for k in ("contract_version", *REQUIRED_KEYS) if k in meta}, "name": "zero-cost",
+    kept = ("contract_version", *REQUIRED_KEYS, *PREPROCESSING_V2_KEYS)
+    described = {**{k: meta[k] for k in kept if k in meta}, "name": "zero-cost",
                  "arch": "global average pool + fixed linear (bench/zero_cost.py)",
                  "data": "none (fixed weights: measures the serving path, not the model)", "val_accuracy": None}
     helper.set_model_props(model, encode_metadata(described))

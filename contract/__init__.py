@@ -11,6 +11,7 @@ tests) share it.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -18,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageOps
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2 added resize modes, the background and fit-to-content; version 1 files read as before
 INPUT_NAME = "input"
 LOGITS = "logits"
 PROBABILITIES = "probabilities"
@@ -28,6 +29,8 @@ OUTPUT_NAMES = (LOGITS, PROBABILITIES)
 REQUIRED_KEYS = ("labels", "input_size", "colour_mode", "mean", "std", "resize")
 DESCRIPTIVE_KEYS = ("contract_version", "name", "arch", "shortcut", "residual", "data", "val_accuracy", "metrics",
                     "created_at", "training_config", "precision")
+# Preprocessing keys added by contract version 2: optional, and absent they mean what version 1 did.
+PREPROCESSING_V2_KEYS = ("resize_mode", "crop_fraction", "background", "fit_to_content")
 
 COLOUR_MODES = {"L": 1, "RGB": 3}  # Pillow mode -> channels
 RESIZE_FILTERS = {
@@ -36,6 +39,9 @@ RESIZE_FILTERS = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+# How the image is brought to the input size: stretched (aspect ratio lost; version 1's only mode), scaled to cover
+# the input and centre-cropped (torchvision's and timm's ImageNet evaluation), or scaled to fit and padded.
+RESIZE_MODES = ("stretch", "shorter-side-crop", "pad")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
@@ -43,11 +49,9 @@ class ContractError(ValueError):
     """A file (or a preprocessing description) does not obey the contract; the message says how."""
 
 
-def to_colour_mode(img: Image.Image, mode: str) -> Image.Image:
-    """EXIF orientation applied, 16-bit scaled to 8-bit, transparency flattened onto black, converted to ``mode``.
-
-    Black is the background because the default model reads white ink on black (scikit-learn's digits).
-    """
+def to_colour_mode(img: Image.Image, mode: str, background: Sequence[int] | None = None) -> Image.Image:
+    """EXIF orientation applied, 16-bit scaled to 8-bit, transparency flattened onto ``background`` (one value per
+    channel of ``mode``; black by default, as the default model reads white ink on black), converted to ``mode``."""
     img = ImageOps.exif_transpose(img)
     if img.mode in SIXTEEN_BIT_MODES:
         # Pillow's convert("L") clips 16-bit values at 255 instead of scaling them.
@@ -55,8 +59,107 @@ def to_colour_mode(img: Image.Image, mode: str) -> Image.Image:
         img = Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img)
+        r, g, b = (0, 0, 0) if background is None else tuple(background) * (3 // len(background))
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (r, g, b, 255)), img)
     return img.convert(mode)
+
+
+@dataclass(frozen=True)
+class FitToContent:
+    """Crop a drawing to its ink and centre it in a square with a margin, as MNIST and scikit-learn's digits
+    were normalised (LeCun et al. 1998: the ink's box, then centred), before the resize."""
+
+    margin: float = 0.1  # added on each side, as a fraction of the ink box's longer side
+    threshold: int = 32  # a pixel is ink when a channel differs from the background by more than this (0..254)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.margin, bool) or not isinstance(self.margin, int | float) or not 0 <= self.margin <= 1:
+            raise ContractError(f"fit_to_content margin must be a number in [0, 1], got {self.margin!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or not 0 <= self.threshold <= 254:
+            raise ContractError(f"fit_to_content threshold must be an integer in [0, 254], got {self.threshold!r}")
+
+    def to_metadata(self) -> dict:
+        return {"margin": self.margin, "threshold": self.threshold}
+
+    @classmethod
+    def from_metadata(cls, value: object) -> FitToContent | None:
+        if value is None:
+            return None
+        if not isinstance(value, Mapping) or set(value) != {"margin", "threshold"}:
+            raise ContractError(f"fit_to_content must be null or {{\"margin\": .., \"threshold\": ..}}, got {value!r}")
+        return cls(value["margin"], value["threshold"])
+
+
+FIT_MAX_GROWTH = 4  # fit_to_content's square holds at most this many times the image's pixels (plus 1 Mpx)
+
+
+def fit_to_content(img: Image.Image, background: int | Sequence[int], margin: float, threshold: int) -> Image.Image:
+    """The ink's bounding box (pixels differing from ``background`` by more than ``threshold`` in some channel),
+    centred on a square of ``background`` with ``margin`` times its longer side on each side. A blank image comes
+    back unchanged."""
+    FitToContent(margin, threshold)  # the same checks as the metadata's
+    channels = len(img.getbands())
+    bg = np.broadcast_to(np.asarray(background, dtype=np.int16), (channels,))  # one value, or one per channel
+    arr = np.asarray(img, dtype=np.int16).reshape(img.height, img.width, channels)
+    ink = (np.abs(arr - bg) > threshold).any(axis=2)
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    if rows.size == 0:
+        return img
+    box = img.crop((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
+    side = max(box.size) + 2 * math.floor(margin * max(box.size) + 0.5)
+    if side * side > FIT_MAX_GROWTH * img.width * img.height + 2**20:
+        # A long thin stroke would make a square far larger than the image (a memory bomb from a few bytes of PNG):
+        # reduce the box by an integer factor first, so the square stays within a bound.
+        factor = math.ceil(side / math.sqrt(FIT_MAX_GROWTH * img.width * img.height + 2**20))
+        box = box.reduce(factor)
+        side = max(box.size) + 2 * math.floor(margin * max(box.size) + 0.5)
+    fill = tuple(int(v) for v in bg) if channels > 1 else int(bg[0])
+    canvas = Image.new(img.mode, (side, side), fill)
+    canvas.paste(box, ((side - box.width) // 2, (side - box.height) // 2))
+    return canvas
+
+
+def resize_size(input_size: tuple[int, int], crop_fraction: float) -> tuple[int, int]:
+    """(H, W) the image is scaled to cover before the centre crop to ``input_size``."""
+    # timm's transforms_imagenet_eval: scale_size = floor(img_size / crop_pct); 224 / 0.875 = 256, torchvision's.
+    return math.floor(input_size[0] / crop_fraction), math.floor(input_size[1] / crop_fraction)
+
+
+def shorter_side_crop(img: Image.Image, input_size: tuple[int, int], crop_fraction: float,
+                      resample: Image.Resampling) -> Image.Image:
+    """Scaled, aspect ratio kept, to cover ``resize_size`` (for a square input: the shorter side to it), then the
+    centre ``input_size`` cut out: torchvision's Resize(int) + CenterCrop, its arithmetic included."""
+    h, w = input_size
+    sh, sw = resize_size(input_size, crop_fraction)
+    iw, ih = img.size
+    # torchvision's Resize: the longer side int(size * long / short), truncated; which side binds decides the other
+    nw, nh = (int(sh * iw / ih), sh) if iw * sh >= ih * sw else (sw, int(sw * ih / iw))
+    # torchvision's CenterCrop: the offset int(round((size - crop) / 2.0)), Python's half-to-even round
+    left, top = int(round((nw - w) / 2.0)), int(round((nh - h) / 2.0))
+    if nw * nh <= max(4 * iw * ih, 4 * sw * sh):
+        resized = img if (nw, nh) == img.size else img.resize((nw, nh), resample)
+        return resized.crop((left, top, left + w, top + h))
+    # An extreme aspect ratio would make the intermediate image huge (a memory bomb from a thin PNG): resize only the
+    # window the crop keeps, which matches the full resize within one grey level.
+    sx, sy = iw / nw, ih / nh
+    return img.resize((w, h), resample, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+
+
+def pad(img: Image.Image, input_size: tuple[int, int], background: Sequence[int],
+        resample: Image.Resampling) -> Image.Image:
+    """Scaled, aspect ratio kept, to fit inside ``input_size``, centred on ``background``: nothing is cut off.
+    Scaling before padding keeps memory to the input size whatever the aspect ratio (a square for a 1 x 10^6
+    image would not fit in memory) and leaves a sharp edge between image and padding."""
+    h, w = input_size
+    iw, ih = img.size
+    nw, nh = (w, max(1, round(ih * w / iw))) if iw * h >= ih * w else (max(1, round(iw * h / ih)), h)
+    if (nw, nh) != img.size:
+        img = img.resize((nw, nh), resample)
+    if (nw, nh) == (w, h):
+        return img
+    canvas = Image.new(img.mode, (w, h), tuple(background) if len(background) > 1 else background[0])
+    canvas.paste(img, ((w - nw) // 2, (h - nh) // 2))
+    return canvas
 
 
 @dataclass(frozen=True)
@@ -68,7 +171,11 @@ class Preprocessing:
     colour_mode: str  # "L" (1 channel) or "RGB" (3 channels)
     mean: tuple[float, ...]  # per channel, on the [0, 1] scale
     std: tuple[float, ...]
-    resize: str = "bilinear"  # Pillow filter that stretches the image to input_size
+    resize: str = "bilinear"  # Pillow filter of every resize below
+    resize_mode: str = "stretch"  # one of RESIZE_MODES
+    crop_fraction: float | None = None  # shorter-side-crop only: the crop's share of the resized image, (0, 1]
+    background: tuple[int, ...] | None = None  # per channel, 0..255: under transparency and in padding; None: black
+    fit_to_content: FitToContent | None = None  # drawings: crop to the ink, centre in a square, then resize
 
     def __post_init__(self) -> None:
         if self.colour_mode not in COLOUR_MODES:
@@ -82,6 +189,22 @@ class Preprocessing:
             raise ContractError(f"mean and std need {channels} values for colour_mode {self.colour_mode}")
         if any(not s > 0 for s in self.std):
             raise ContractError(f"std must be positive, got {list(self.std)}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ContractError(f"resize_mode must be one of {list(RESIZE_MODES)}, got {self.resize_mode!r}")
+        if self.resize_mode == "shorter-side-crop":
+            fraction = self.crop_fraction
+            if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+                raise ContractError(f"resize_mode shorter-side-crop needs crop_fraction in (0, 1], got {fraction!r}")
+        elif self.crop_fraction is not None:
+            raise ContractError(f"crop_fraction applies only to resize_mode shorter-side-crop, not {self.resize_mode}")
+        background = (0,) * channels if self.background is None else self.background
+        if (isinstance(background, str | bytes) or not isinstance(background, Sequence) or len(background) != channels
+                or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255 for v in background)):
+            raise ContractError(f"background needs {channels} integers in [0, 255] for colour_mode "
+                                f"{self.colour_mode}, got {self.background!r}")
+        object.__setattr__(self, "background", tuple(background))  # None and lists read as the tuple they mean
+        if self.fit_to_content is not None and not isinstance(self.fit_to_content, FitToContent):
+            raise ContractError(f"fit_to_content must be a FitToContent or None, got {self.fit_to_content!r}")
 
     @property
     def channels(self) -> int:
@@ -89,8 +212,14 @@ class Preprocessing:
 
     def resized(self, img: Image.Image) -> Image.Image:
         """The image in the model's colour mode at the model's input size (still 8-bit)."""
-        img = to_colour_mode(img, self.colour_mode)
+        img = to_colour_mode(img, self.colour_mode, self.background)
+        if self.fit_to_content is not None:
+            img = fit_to_content(img, self.background, self.fit_to_content.margin, self.fit_to_content.threshold)
         h, w = self.input_size
+        if self.resize_mode == "shorter-side-crop":
+            return shorter_side_crop(img, self.input_size, self.crop_fraction, RESIZE_FILTERS[self.resize])
+        if self.resize_mode == "pad":
+            return pad(img, self.input_size, self.background, RESIZE_FILTERS[self.resize])
         if img.size != (w, h):
             img = img.resize((w, h), RESIZE_FILTERS[self.resize])
         return img
@@ -102,12 +231,38 @@ class Preprocessing:
             arr = arr[:, :, None]
         return arr.transpose(2, 0, 1)
 
+    def draft_size(self) -> tuple[int, int] | None:
+        """The least (width, height) a JPEG may be decoded at (DCT scaling) and still give the pixels of a full
+        decode's resize; None when only a full decode does (the ink of a drawing may be a few pixels of it)."""
+        if self.fit_to_content is not None:
+            return None
+        # Square, so EXIF rotation is moot: at least the input for stretch and pad, the image crop_size cuts from.
+        side = max(self.input_size if self.crop_fraction is None else resize_size(self.input_size, self.crop_fraction))
+        return side, side
+
+    def draft(self, img: Image.Image) -> Image.Image:
+        """``img`` (opened, not yet loaded) set to decode a JPEG at 1/2, 1/4 or 1/8 scale via the DCT where
+        ``draft_size`` allows: a 12 MP photo costs a fraction of a full decode. Training and the service both
+        decode this way, so they see the same pixels."""
+        size = self.draft_size()
+        if img.format in ("JPEG", "MPO") and size is not None:
+            img.draft(None, size)
+        return img
+
     def to_metadata(self) -> dict:
         return {"input_size": list(self.input_size), "colour_mode": self.colour_mode, "mean": list(self.mean),
-                "std": list(self.std), "resize": self.resize}
+                "std": list(self.std), "resize": self.resize, "resize_mode": self.resize_mode,
+                "crop_fraction": self.crop_fraction, "background": list(self.background),
+                "fit_to_content": None if self.fit_to_content is None else self.fit_to_content.to_metadata()}
 
     @classmethod
     def from_metadata(cls, meta: Mapping) -> Preprocessing:
+        version = meta.get("contract_version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ContractError(f"contract_version must be a positive integer, got {version!r}")
+        if version > CONTRACT_VERSION:
+            raise ContractError(f"the file follows contract version {version}; this reader knows up to "
+                                f"{CONTRACT_VERSION}: update the service")
         missing = [k for k in REQUIRED_KEYS if k != "labels" and k not in meta]
         if missing:
             raise ContractError(f"model metadata lacks required key {missing[0]!r}")
@@ -115,9 +270,11 @@ class Preprocessing:
             h, w = (int(v) for v in meta["input_size"])
             mean = tuple(float(v) for v in meta["mean"])
             std = tuple(float(v) for v in meta["std"])
+            background = None if meta.get("background") is None else tuple(meta["background"])
         except (TypeError, ValueError) as e:
             raise ContractError(f"malformed preprocessing metadata: {e}") from e
-        return cls((h, w), meta["colour_mode"], mean, std, meta["resize"])
+        return cls((h, w), meta["colour_mode"], mean, std, meta["resize"], meta.get("resize_mode", "stretch"),
+                   meta.get("crop_fraction"), background, FitToContent.from_metadata(meta.get("fit_to_content")))
 
 
 # --- metadata_props: every value JSON ------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from contract import COLOUR_MODES, RESIZE_FILTERS
+from contract import COLOUR_MODES, RESIZE_FILTERS, RESIZE_MODES
 
 
 def option(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -44,6 +44,18 @@ class TrainConfig:
     colour_mode: str | None = option(None, "L (grayscale) or RGB (default: L for digits, RGB for CIFAR-10 "
                                            "and folders)", tuple(COLOUR_MODES))
     resize: str = option("bilinear", "Pillow filter that brings images to --image-size", tuple(RESIZE_FILTERS))
+    resize_mode: str | None = option(None, "stretch to --image-size (aspect ratio lost), shorter-side-crop (scale to "
+                                           "cover, centre crop) or pad (scale to fit, pad with --background); "
+                                           "default stretch, and shorter-side-crop with --init or --pretrained",
+                                     RESIZE_MODES)
+    crop_fraction: float | None = option(None, "shorter-side-crop: the crop's share of the resized side, (0, 1]; "
+                                               "default 0.875 (torchvision's ImageNet evaluation: 224 of 256)")
+    background: str = option("", "what transparency is flattened onto and padding filled with: one 0..255 value per "
+                                 "channel, comma-separated (255,255,255 is white), or one for all; none is black")
+    fit_to_content: bool = option(False, "drawings: crop each image to its ink (pixels differing from --background "
+                                         "by more than --fit-threshold), centre it in a square, then resize")
+    fit_margin: float = option(0.1, "fit-to-content: margin on each side, as a fraction of the ink's longer side")
+    fit_threshold: int = option(32, "fit-to-content: how far (0..254) from the background a pixel is ink")
     val_fraction: float = option(0.2, "share of each class held out for validation when the data has no val/ split")
     split_seed: int = option(0, "seed of the train/val split, fixed across training seeds so every run is scored on "
                                 "the same images")
@@ -107,16 +119,46 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--backbone-lr-scale has no effect with --freeze-backbone: pass one of them")
     if cfg.backbone_lr_scale != 1.0 and not (cfg.init or cfg.pretrained):
         raise ConfigError("--backbone-lr-scale needs starting weights: pass --init PATH or --pretrained imagenet")
+    mode = resolved(cfg).resize_mode
+    if cfg.crop_fraction is not None and mode != "shorter-side-crop":
+        raise ConfigError(f"--crop-fraction applies to --resize-mode shorter-side-crop, and the run's is {mode}")
+    defaults = TrainConfig()
+    if not cfg.fit_to_content and (cfg.fit_margin, cfg.fit_threshold) != (defaults.fit_margin, defaults.fit_threshold):
+        raise ConfigError("--fit-margin and --fit-threshold need --fit-to-content")
+    background(cfg, 3)  # the syntax; the channel count is the data's
+
+
+def background(cfg: TrainConfig, channels: int) -> tuple[int, ...] | None:
+    """--background as one value per channel (None: the contract's black); ``ConfigError`` when it is not that."""
+    if not cfg.background:
+        return None
+    try:
+        values = tuple(int(v) for v in cfg.background.split(","))
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values *= channels
+    if len(values) != channels or not all(0 <= v <= 255 for v in values):
+        raise ConfigError(f"--background {cfg.background!r}: give one 0..255 value, or {channels} comma-separated")
+    return values
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
-    """The config with the defaults that depend on other flags filled in, as a run records it."""
-    if cfg.shortcut is not None:
-        return cfg
-    return dataclasses.replace(cfg, shortcut="B" if cfg.init or cfg.pretrained else "A")
+    """The config with the defaults that depend on other flags filled in, as a run records it: torchvision's weights
+    get torchvision's layout (shortcut B) and the preprocessing they were evaluated with (shorter side, centre crop
+    0.875; ImageNet's mean/std are the data's business, ``model.train``)."""
+    transfer = bool(cfg.init or cfg.pretrained)
+    mode = cfg.resize_mode or ("shorter-side-crop" if transfer else "stretch")
+    fraction = cfg.crop_fraction
+    if fraction is None and mode == "shorter-side-crop":
+        from model.pretrained import IMAGENET_PREPROCESSING  # torch-heavy; only when the crop needs its default
+
+        fraction = IMAGENET_PREPROCESSING["crop_fraction"]
+    return dataclasses.replace(cfg, shortcut=cfg.shortcut or ("B" if transfer else "A"), resize_mode=mode,
+                               crop_fraction=fraction)
 
 
-FLAG_TYPES = {"int": int, "float": float, "str": str, "str | None": str}
+FLAG_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "float | None": float}
 
 
 def flag_name(name: str) -> str:

@@ -7,6 +7,7 @@ records. Normalisation and augmentation happen batch-wise in the training loop, 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pickle
 import shutil
@@ -15,13 +16,15 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
-from model.config import TrainConfig
+from contract import FitToContent
+from model.config import TrainConfig, background
 from model.preprocessing import Preprocessing
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -65,7 +68,7 @@ def channel_stats(dataset: Dataset, limit: int = 5000) -> tuple[tuple[float, ...
 
 def with_stats(pre: Preprocessing, train: Dataset) -> Preprocessing:
     mean, std = channel_stats(train)
-    return Preprocessing(pre.input_size, pre.colour_mode, mean, std, pre.resize)
+    return dataclasses.replace(pre, mean=mean, std=std)
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,14 +97,21 @@ def digit_images() -> tuple[list[Image.Image], np.ndarray]:
     return [Image.fromarray(p, "L") for p in pixels], digits.target.astype(np.int64)
 
 
-def load_digits_data(image_size: int, val_fraction: float, split_seed: int, resize: str) -> DataBundle:
+def load_digits_data(image_size: int, val_fraction: float, split_seed: int, resize: str, **fields) -> DataBundle:
+    """``fields``: the further ``Preprocessing`` fields (resize_mode, crop_fraction, background, fit_to_content)."""
     images, targets = digit_images()
     train_idx, val_idx = stratified_split(targets, val_fraction, split_seed)
-    pre = Preprocessing((image_size, image_size), "L", (0.0,), (1.0,), resize)
+    pre = Preprocessing((image_size, image_size), "L", (0.0,), (1.0,), resize, **fields)
     train = tensor_dataset([images[i] for i in train_idx], targets[train_idx], pre)
     val = tensor_dataset([images[i] for i in val_idx], targets[val_idx], pre)
     labels = [str(d) for d in range(10)]
     return DataBundle(train, val, labels, with_stats(pre, train), "digits", flip=False)
+
+
+def file_pixels(file: Path | BinaryIO, pre: Preprocessing) -> torch.Tensor:
+    """One image file as the network's uint8 pixels (C, H, W), decoded as the service decodes it (``draft``)."""
+    with Image.open(file) as img:
+        return pre.to_uint8(pre.draft(img))
 
 
 class ImageFolder(Dataset):
@@ -115,8 +125,7 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         try:
-            with Image.open(self.files[i]) as img:
-                return self.pre.to_uint8(img), self.targets[i]
+            return file_pixels(self.files[i], self.pre), self.targets[i]
         except OSError as e:
             raise DataError(f"cannot read image {self.files[i]}: {e}") from e
 
@@ -139,8 +148,7 @@ def unreadable(files: list[Path], pre: Preprocessing) -> list[tuple[Path, str]]:
     bad = []
     for f in files:
         try:
-            with Image.open(f) as img:
-                pre.to_array(img)  # the whole decode, as training does it: truncated files fail only here
+            file_pixels(f, pre)  # the whole decode, as training does it: truncated files fail only here
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             bad.append((f, str(e) or type(e).__name__))
     return bad
@@ -167,13 +175,13 @@ def drop_unreadable(parts: dict[Path, dict[str, list[Path]]], pre: Preprocessing
 
 def load_folder_data(
     root: Path, image_size: int, colour_mode: str, val_fraction: float, split_seed: int, resize: str, flip: bool,
-    skip_bad: bool = False,
+    skip_bad: bool = False, **fields,
 ) -> DataBundle:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
     pre = Preprocessing((image_size, image_size), colour_mode, (0.0,) * (3 if colour_mode == "RGB" else 1),
-                        (1.0,) * (3 if colour_mode == "RGB" else 1), resize)
+                        (1.0,) * (3 if colour_mode == "RGB" else 1), resize, **fields)
     if (root / "train").is_dir() and (root / "val").is_dir():
         train_classes, val_classes = scan_classes(root / "train"), scan_classes(root / "val")
         labels = sorted(train_classes)
@@ -228,14 +236,23 @@ def load_bundle(cfg: TrainConfig) -> DataBundle:
         mode = "L" if cfg.data == "digits" else "RGB"
         if cfg.colour_mode not in (None, mode):
             raise DataError(f"{cfg.data} images are {mode}: drop --colour-mode {cfg.colour_mode} or pass {mode}")
+    mode = {"digits": "L", "cifar10": "RGB"}.get(cfg.data, cfg.colour_mode or "RGB")
+    fields = preprocessing_fields(cfg, 1 if mode == "L" else 3)
     if cfg.data == "digits":
-        return load_digits_data(cfg.image_size, cfg.val_fraction, cfg.split_seed, cfg.resize)
+        return load_digits_data(cfg.image_size, cfg.val_fraction, cfg.split_seed, cfg.resize, **fields)
     if cfg.data == "cifar10":
-        return load_cifar10_data(Path(cfg.data_dir), cfg.image_size, cfg.resize, cfg.download)
+        return load_cifar10_data(Path(cfg.data_dir), cfg.image_size, cfg.resize, cfg.download, **fields)
     return load_folder_data(
-        Path(cfg.data), cfg.image_size, cfg.colour_mode or "RGB", cfg.val_fraction, cfg.split_seed, cfg.resize,
-        flip=True if cfg.flip is None else cfg.flip, skip_bad=cfg.skip_bad_images,
+        Path(cfg.data), cfg.image_size, mode, cfg.val_fraction, cfg.split_seed, cfg.resize,
+        flip=True if cfg.flip is None else cfg.flip, skip_bad=cfg.skip_bad_images, **fields,
     )
+
+
+def preprocessing_fields(cfg: TrainConfig, channels: int) -> dict:
+    """The ``Preprocessing`` fields beyond size, colour mode and filter that the config's flags name."""
+    return {"resize_mode": cfg.resize_mode or "stretch", "crop_fraction": cfg.crop_fraction,
+            "background": background(cfg, channels),
+            "fit_to_content": FitToContent(cfg.fit_margin, cfg.fit_threshold) if cfg.fit_to_content else None}
 
 
 def download_cifar10(root: Path, url: str = CIFAR10_URL, md5: str | None = CIFAR10_MD5) -> Path:
@@ -264,7 +281,8 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(batch[b"labels"], dtype=np.int64)
 
 
-def load_cifar10_data(root: Path, image_size: int, resize: str, download: bool, url: str = CIFAR10_URL) -> DataBundle:
+def load_cifar10_data(root: Path, image_size: int, resize: str, download: bool, url: str = CIFAR10_URL,
+                      **fields) -> DataBundle:
     root = Path(root)
     folder = root if (root / "batches.meta").exists() else root / CIFAR10_DIR
     if not (folder / "batches.meta").exists():
@@ -278,10 +296,10 @@ def load_cifar10_data(root: Path, image_size: int, resize: str, download: bool, 
         raise DataError(f"{folder} holds no data_batch_* files")
     train_x, train_y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     val_x, val_y = read_cifar_batch(folder / "test_batch")
-    pre = Preprocessing((image_size, image_size), "RGB", (0.0,) * 3, (1.0,) * 3, resize)
+    pre = Preprocessing((image_size, image_size), "RGB", (0.0,) * 3, (1.0,) * 3, resize, **fields)
 
     def as_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        if image_size == 32:
+        if image_size == 32 and pre.resize_mode == "stretch" and pre.fit_to_content is None:  # the pixels as they are
             return TensorDataset(torch.from_numpy(x.copy()), torch.from_numpy(y))
         images = [Image.fromarray(a.transpose(1, 2, 0), "RGB") for a in x]
         return tensor_dataset(images, y, pre)

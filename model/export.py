@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from PIL import Image
 from torch import nn
 
 from contract import CONTRACT_VERSION, INPUT_NAME, OUTPUT_NAMES, PROBABILITIES, ContractError, encode_metadata
 from model.checkpoint import PARITY_IMAGES, CheckpointError, config_of, load_checkpoint, parity_pixels
-from model.data import IMAGE_SUFFIXES, DataError, load_bundle, unreadable
+from model.data import IMAGE_SUFFIXES, DataError, file_pixels, load_bundle, unreadable
 from model.preprocessing import Preprocessing
 
 PARITY_TOLERANCE = 1e-5  # max |p_onnx - p_torch| over a batch of real validation images
@@ -63,11 +62,7 @@ def folder_pixels(folder: Path, pre: Preprocessing, n: int = PARITY_IMAGES) -> t
     picked = files[:: max(1, len(files) // n)][:n]
     if bad := unreadable(picked, pre):
         raise ExportError(f"--data {folder}: {len(bad)} images cannot be read, the first {bad[0][0]}: {bad[0][1]}")
-    pixels = []
-    for f in picked:
-        with Image.open(f) as img:
-            pixels.append(pre.to_uint8(img))
-    return torch.stack(pixels)
+    return torch.stack([file_pixels(f, pre) for f in picked])
 
 
 def validation_batch(ckpt: dict, data: Path | None = None) -> torch.Tensor:

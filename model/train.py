@@ -26,13 +26,14 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from contract import ContractError
 from model import pretrained
 from model.checkpoint import CheckpointError, build_model, describe, parity_pixels, read
 from model.config import ConfigError, TrainConfig, parse_args, resolved, validate
 from model.data import DataBundle, DataError, load_bundle, summary
 from model.engine import Distortion, augment, distort, evaluate, lr_at, resolve_device, seed_everything
 from model.export import ExportError, export
-from model.preprocessing import Preprocessing, normaliser
+from model.preprocessing import normaliser
 from model.resnet import ResNet
 
 # Fewer SGD steps per epoch than this and a short run ends near chance: 78 images at batch 128 are one step an epoch
@@ -83,23 +84,21 @@ def load_data(cfg: TrainConfig, proc: Process, bundle: DataBundle | None) -> tup
         if proc.main:
             print(summary(bundle), flush=True)
     flip = bundle.flip if cfg.flip is None else cfg.flip
-    if cfg.pretrained:
+    if cfg.pretrained or (cfg.init and bundle.preprocessing.colour_mode == "RGB"):
         bundle = imagenet_normalised(bundle)
     return dataclasses.replace(cfg, colour_mode=bundle.preprocessing.colour_mode, flip=flip), bundle
 
 
 def imagenet_normalised(bundle: DataBundle) -> DataBundle:
-    """The data normalised as the ImageNet weights expect: ImageNet's mean/std replace the data's own.
-
-    ImageNet's shorter-side resize + centre crop is not expressible in contract version 1, so the images stay
-    stretched to --image-size, train and serve alike.
-    """
+    """The data normalised as ImageNet weights expect: ImageNet's mean/std replace the data's own (for --init too,
+    on RGB data: torchvision-format weights are ImageNet's in practice). The shorter-side resize and centre crop
+    they were evaluated with come from the config (``model.config.resolved``)."""
     pre = bundle.preprocessing
     if pre.colour_mode != "RGB":
         raise ConfigError(f"--pretrained imagenet weights read RGB images, and {bundle.name} is {pre.colour_mode}")
     imagenet = pretrained.IMAGENET_PREPROCESSING
-    return dataclasses.replace(bundle, preprocessing=Preprocessing(
-        pre.input_size, pre.colour_mode, tuple(imagenet["mean"]), tuple(imagenet["std"]), pre.resize))
+    return dataclasses.replace(bundle, preprocessing=dataclasses.replace(
+        pre, mean=tuple(imagenet["mean"]), std=tuple(imagenet["std"])))
 
 
 @dataclass
@@ -318,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv, description=__doc__.splitlines()[0])
     try:
         best = train(cfg)
-    except (ConfigError, DataError, CheckpointError, ExportError, pretrained.WeightsError) as e:
+    except (ConfigError, ContractError, DataError, CheckpointError, ExportError, pretrained.WeightsError) as e:
         raise SystemExit(f"error: {e}") from e
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"best": best}), file=sys.stderr)

@@ -107,11 +107,7 @@ class Preprocessor:
 
     def decode(self, img: Image.Image) -> Image.Image:
         """Decode the pixels (JPEGs at reduced scale)."""
-        if img.format in ("JPEG", "MPO"):
-            # Decode at 1/2, 1/4 or 1/8 scale via the DCT while staying at least the input size:
-            # a 12 MP photo costs a fraction of a full decode. Square target, so EXIF rotation is moot.
-            side = max(self.spec.input_size)
-            img.draft(None, (side, side))
+        self.spec.preprocessing.draft(img)
         try:
             img.load()
         except Image.DecompressionBombError as e:

@@ -33,12 +33,21 @@ class Health(BaseModel):
     detail: str | None = None
 
 
+class FitToContent(BaseModel):
+    margin: float = Field(description="added on each side, as a fraction of the ink box's longer side")
+    threshold: int = Field(description="a pixel is ink when a channel differs from the background by more")
+
+
 class Preprocessing(BaseModel):
     input_size: list[int] = Field(examples=[[32, 32]])
     colour_mode: str = Field(examples=["L"])
     mean: list[float]
     std: list[float]
-    resize: str = Field(examples=["bilinear"])
+    resize: str = Field(description="the Pillow filter of every resize", examples=["bilinear"])
+    resize_mode: str = Field(description="stretch, shorter-side-crop or pad", examples=["stretch"])
+    crop_fraction: float | None = Field(description="shorter-side-crop: the crop's share of the resized image")
+    background: list[int] = Field(description="per channel: under transparency and in padding", examples=[[0]])
+    fit_to_content: FitToContent | None = Field(description="drawings: cropped to the ink and centred first")
 
 
 class ModelCard(BaseModel):

@@ -95,3 +95,38 @@ def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
     chunk = b"IHDR" + ihdr
     patched = struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
     return raw[:8] + patched + raw[8 + 25:]
+
+
+def scene(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A photo-like RGB image: a sky gradient, a sun, hills and a house, with a little sensor noise; nothing is
+    symmetric, so a crop or pad that lands a pixel off shows."""
+    from PIL import ImageDraw
+
+    y = np.linspace(0, 1, h)[:, None, None]
+    sky = (np.array([70, 130, 220]) * (1 - y) + np.array([230, 200, 170]) * y) * np.ones((1, w, 1))
+    img = Image.fromarray(sky.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((0.7 * w, 0.1 * h, 0.85 * w, 0.1 * h + 0.15 * w), fill=(255, 230, 120))
+    draw.polygon([(0, 0.7 * h), (0.3 * w, 0.5 * h), (0.65 * w, 0.72 * h), (w, 0.6 * h), (w, h), (0, h)],
+                 fill=(60, 120, 50))
+    draw.rectangle((0.15 * w, 0.55 * h, 0.35 * w, 0.8 * h), fill=(180, 60, 40))
+    draw.rectangle((0.22 * w, 0.68 * h, 0.27 * w, 0.8 * h), fill=(40, 30, 20))
+    noise = np.random.default_rng(seed).normal(0, 6, (h, w, 3))
+    return Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+def with_transparency(img: Image.Image, mode: str) -> Image.Image:
+    """``img`` with its left third fully transparent and an alpha ramp across the rest, as RGBA, LA or a palette
+    image with one transparent index."""
+    alpha = np.tile(np.clip(np.linspace(-0.5, 1.0, img.width), 0, 1) * 255, (img.height, 1)).astype(np.uint8)
+    if mode == "P":
+        pal = img.convert("P", palette=Image.Palette.ADAPTIVE, colors=255)
+        arr = np.asarray(pal).copy()
+        arr[:, : img.width // 3] = 255  # the transparent index
+        out = Image.fromarray(arr, "P")
+        out.putpalette(pal.getpalette())
+        out.info["transparency"] = 255
+        return out
+    rgba = img.convert("RGBA")
+    rgba.putalpha(Image.fromarray(alpha, "L"))
+    return rgba.convert(mode)

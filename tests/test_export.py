@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from contract import DESCRIPTIVE_KEYS, INPUT_NAME, OUTPUT_NAMES, REQUIRED_KEYS
+from contract import CONTRACT_VERSION, DESCRIPTIVE_KEYS, INPUT_NAME, OUTPUT_NAMES, PREPROCESSING_V2_KEYS, REQUIRED_KEYS
 from model.checkpoint import load_checkpoint
 from model.config import TrainConfig
 from model.data import load_digits_data
@@ -22,7 +22,7 @@ from model.export import export
 from model.train import train
 from tests.conftest import ROOT, make_class_folder
 
-WRITTEN_METADATA = set(REQUIRED_KEYS) | set(DESCRIPTIVE_KEYS)
+WRITTEN_METADATA = set(REQUIRED_KEYS) | set(PREPROCESSING_V2_KEYS) | set(DESCRIPTIVE_KEYS)
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess:
@@ -67,6 +67,7 @@ def test_export_records_metadata_enough_to_serve(exported):
     assert set(meta) == WRITTEN_METADATA
     assert meta["labels"] == [str(i) for i in range(10)]
     assert meta["input_size"] == [8, 8] and meta["colour_mode"] == "L" and meta["resize"] == "bilinear"
+    assert meta["contract_version"] == CONTRACT_VERSION and meta["fit_to_content"] is None
     assert meta["arch"] == "resnet8" and meta["training_config"]["epochs"] == 1
     assert meta["training_config"]["colour_mode"] == meta["colour_mode"]  # the config as used, not its default
     bundle = load_digits_data(8, 0.2, 0, "bilinear")
@@ -109,12 +110,13 @@ def _checkpoint(exported):
 
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory):
-    """A checkpoint trained on a folder that is then deleted, as when exporting on another machine."""
+    """A checkpoint trained on a folder that is then deleted, as when exporting on another machine; its images
+    shorter-side cropped onto a white background."""
     tmp = tmp_path_factory.mktemp("folder")
-    root = make_class_folder(tmp / "imgs", {"bright": 250, "dark": 10}, size=8, per_class=10)
+    root = make_class_folder(tmp / "imgs", {"bright": 250, "dark": 10}, size=10, per_class=10)
     spare = shutil.copytree(root, tmp / "spare")
     train(TrainConfig(data=str(root), arch="resnet8", image_size=8, epochs=1, batch_size=4, progress=False,
-                      out=str(tmp / "run")))
+                      out=str(tmp / "run"), resize_mode="shorter-side-crop", crop_fraction=0.8, background="255"))
     shutil.rmtree(root)
     return tmp / "run" / "best.pt", spare
 
@@ -134,6 +136,20 @@ def test_export_data_flag_checks_parity_on_that_folder(folder_run, tmp_path):
     r = run_export(str(checkpoint), "--out", str(tmp_path / "m.onnx"), "--data", str(spare))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["parity_images"] == 20, r.stdout  # every image of the folder, up to 64
+
+
+def test_export_writes_the_preprocessing_modes_and_the_service_reads_them(folder_run, tmp_path):
+    from service.runtime import Model
+    from service.settings import Settings
+
+    checkpoint, _ = folder_run
+    export(checkpoint, tmp_path / "m.onnx")
+    meta = {p.key: json.loads(p.value) for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+    assert {k: meta[k] for k in PREPROCESSING_V2_KEYS} == {
+        "resize_mode": "shorter-side-crop", "crop_fraction": 0.8, "background": [255, 255, 255],
+        "fit_to_content": None}
+    pre = Model.load(Settings(model_path=tmp_path / "m.onnx", device="cpu")).spec.preprocessing
+    assert (pre.resize_mode, pre.crop_fraction, pre.background) == ("shorter-side-crop", 0.8, (255, 255, 255))
 
 
 def old_checkpoint(checkpoint, tmp_path):

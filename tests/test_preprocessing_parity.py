@@ -1,4 +1,5 @@
-"""The service re-implements the model's evaluation preprocessing without torch: hold them equal."""
+"""The service re-implements the model's evaluation preprocessing without torch: hold them equal, in every resize
+mode, on digits and on photo-like images of every shape and format a client sends."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from contract import INPUT_NAME, LOGITS, ModelSpec
+from contract import INPUT_NAME, LOGITS, FitToContent, ModelSpec, resize_size
+from model.data import file_pixels
 from model.preprocessing import Preprocessing
 from service.preprocessing import Preprocessor
-from tests.images import FORMATS, encode, one_per_class
+from tests.images import FORMATS, encode, one_per_class, scene, with_transparency
 
 
 def spec_for(pre: Preprocessing) -> ModelSpec:
@@ -26,6 +28,13 @@ def photo(w: int, h: int, mode: str = "RGB") -> Image.Image:
     return Image.fromarray(arr, "RGB").convert(mode)
 
 
+def drawing(w: int, h: int) -> Image.Image:
+    """A digit drawn small, off-centre, on a large dark page: a full decode's detail is all in a few pixels."""
+    page = Image.new("L", (w, h), 10)
+    page.paste(one_per_class()[4][0].resize((96, 96), Image.Resampling.BILINEAR), (w // 2, h // 5))
+    return page
+
+
 CASES = {
     **{f"digit-{name}": (lambda f=f: f(one_per_class()[7][0])) for name, f in FORMATS.items()},
     "rgb-jpeg-60x45": lambda: encode(photo(60, 45), "JPEG", quality=90),
@@ -33,7 +42,17 @@ CASES = {
     "cmyk-jpeg": lambda: encode(photo(40, 40, "CMYK"), "JPEG"),
     "1x1-png": lambda: encode(photo(1, 1), "PNG"),
     "1x200-png": lambda: encode(photo(1, 200), "PNG"),
+    "drawing-jpeg-900x700": lambda: encode(drawing(900, 700), "JPEG", quality=90),
+    "landscape-jpeg-160x90": lambda: encode(scene(160, 90), "JPEG", quality=90),
+    "portrait-png-75x130": lambda: encode(scene(75, 130, seed=1), "PNG"),
+    "landscape-jpeg-1200x800": lambda: encode(scene(1200, 800, seed=2), "JPEG", quality=85),  # reduced decode
+    "portrait-jpeg-700x1000": lambda: encode(scene(700, 1000, seed=3), "JPEG", quality=85),
+    **{f"transparent-{m.lower()}-png": (lambda m=m: encode(with_transparency(scene(90, 60, seed=4), m), "PNG"))
+       for m in ("RGBA", "LA", "P")},
+    "transparent-gif": lambda: encode(with_transparency(scene(64, 48, seed=5), "P"), "GIF"),
 }
+RGB = ((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+WHITE = (255, 255, 255)
 
 
 @pytest.mark.parametrize(
@@ -42,16 +61,45 @@ CASES = {
         pytest.param(Preprocessing((32, 32), "L", (0.30566,), (0.323522,), "bilinear"), id="digits-L-bilinear"),
         pytest.param(Preprocessing((24, 40), "RGB", (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), "bicubic"),
                      id="rgb-bicubic"),
+        pytest.param(Preprocessing((32, 32), "RGB", *RGB, background=WHITE), id="stretch-white-background"),
+        *[pytest.param(Preprocessing(size, "RGB", *RGB, filt, "shorter-side-crop", fraction), id=f"crop-{name}")
+          for name, size, filt, fraction in [
+              ("0.875", (48, 48), "bilinear", 0.875), ("0.5", (32, 32), "bicubic", 0.5),
+              ("1.0", (32, 32), "lanczos", 1.0), ("0.8-24x40", (24, 40), "bilinear", 0.8)]],
+        pytest.param(Preprocessing((32, 32), "L", (0.5,), (0.25,), resize_mode="shorter-side-crop", crop_fraction=0.9,
+                                   background=(200,)), id="crop-L-grey-background"),
+        pytest.param(Preprocessing((32, 32), "RGB", *RGB, "bilinear", "pad", background=WHITE), id="pad-white"),
+        pytest.param(Preprocessing((24, 40), "L", (0.5,), (0.25,), "bicubic", "pad", background=(128,)),
+                     id="pad-24x40-grey"),
+        pytest.param(Preprocessing((28, 28), "L", (0.13,), (0.31,), fit_to_content=FitToContent(0.2, 32)),
+                     id="fit-to-content"),
+        pytest.param(Preprocessing((28, 28), "RGB", *RGB, "bilinear", "pad", background=WHITE,
+                                   fit_to_content=FitToContent(0.1, 40)), id="fit-to-content-rgb-on-white"),
     ],
 )
 @pytest.mark.parametrize("case", list(CASES))
 def test_service_preprocessing_equals_model_eval_transform(pre, case):
     data = CASES[case]()
-    want = pre(Image.open(io.BytesIO(data))).numpy()
+    want = pre.normalise(file_pixels(io.BytesIO(data), pre)).numpy()  # as training reads a folder's file
     service = Preprocessor(spec_for(pre), max_pixels=10**8)
     got = service(data).x
     assert got.shape == want.shape == (pre.channels, *pre.input_size)
     assert np.abs(got - want).max() <= 1e-6
+
+
+@pytest.mark.parametrize(("size", "fraction"), [((32, 32), 0.5), ((48, 48), 0.875), ((24, 40), 0.3)])
+def test_jpeg_reduced_decode_keeps_the_pixels_the_crop_resizes_from(size, fraction):
+    """With shorter-side-crop the image is scaled to resize_size, larger than the input: decoding a JPEG at reduced
+    scale down to the input size alone would leave too few pixels and upsample them."""
+    pre = Preprocessing(size, "RGB", *RGB, resize_mode="shorter-side-crop", crop_fraction=fraction)
+    need = max(resize_size(size, fraction))
+    data = encode(scene(2 * need + 10, 2 * need + 20), "JPEG", quality=90)  # large enough for a 1/2 decode
+    service = Preprocessor(spec_for(pre), max_pixels=10**8)
+    img = service.decode(service.open(data).image)
+    assert min(img.size) >= need, (img.size, need)
+    assert img.size[0] < 2 * need + 10  # and it was reduced, or the case tests nothing
+    want = pre.normalise(file_pixels(io.BytesIO(data), pre)).numpy()
+    assert np.abs(service(data).x - want).max() <= 1e-6
 
 
 @pytest.mark.parametrize(

@@ -358,6 +358,9 @@ def test_model_card_describes_model(client):
     assert card["labels"] == [str(i) for i in range(10)]
     assert card["input_shape"] == [-1, 1, 32, 32] and card["input_name"] == "input"
     assert card["preprocessing"]["colour_mode"] == "L" and card["provider"] == "CPUExecutionProvider"
+    assert card["preprocessing"] | {"mean": None, "std": None} == {  # a contract version 1 file, as it is read
+        "input_size": [32, 32], "colour_mode": "L", "mean": None, "std": None, "resize": "bilinear",
+        "resize_mode": "stretch", "crop_fraction": None, "background": [0], "fit_to_content": None}
     assert card["arch"] == "resnet20" and card["val_accuracy"] >= 0.99
 
 

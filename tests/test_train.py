@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bench.harness import free_port
-from model.config import TrainConfig, parse_args
+from model.config import ConfigError, TrainConfig, parse_args, resolved, validate
 from model.engine import Distortion, augment, distort, lr_at, thicken
 from model.train import MIN_STEPS_PER_EPOCH, few_steps_warning, train
 from tests.conftest import ROOT, make_class_folder
@@ -40,11 +40,62 @@ def test_parse_args_maps_every_flag_to_config():
     assert (cfg.colour_mode, cfg.skip_bad_images) == ("L", True)
 
 
+def test_parse_args_maps_the_preprocessing_flags_to_config():
+    cfg = parse_args(["--resize-mode", "shorter-side-crop", "--crop-fraction", "0.9", "--background", "255,255,255",
+                      "--fit-to-content", "--fit-margin", "0.2", "--fit-threshold", "16"])
+    assert (cfg.resize_mode, cfg.crop_fraction, cfg.background) == ("shorter-side-crop", 0.9, "255,255,255")
+    assert (cfg.fit_to_content, cfg.fit_margin, cfg.fit_threshold) == (True, 0.2, 16)
+
+
+@pytest.mark.parametrize(
+    ("flags", "want"),
+    [
+        pytest.param({}, ("A", "stretch", None), id="from-scratch-stretches"),
+        pytest.param({"init": "w.pth"}, ("B", "shorter-side-crop", 0.875), id="init-crops-as-imagenet"),
+        pytest.param({"pretrained": "imagenet"}, ("B", "shorter-side-crop", 0.875), id="pretrained-crops"),
+        pytest.param({"init": "w.pth", "resize_mode": "pad"}, ("B", "pad", None), id="init-as-asked"),
+        pytest.param({"resize_mode": "shorter-side-crop", "crop_fraction": 0.5}, ("A", "shorter-side-crop", 0.5),
+                     id="crop-as-asked"),
+    ],
+)
+def test_resolved_records_the_preprocessing_starting_weights_were_evaluated_with(flags, want):
+    cfg = resolved(TrainConfig(**flags))
+    assert (cfg.shortcut, cfg.resize_mode, cfg.crop_fraction) == want
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        pytest.param({"crop_fraction": 0.9}, "--crop-fraction applies to --resize-mode shorter-side-crop, and the "
+                     "run's is stretch", id="crop-fraction-when-stretching"),
+        pytest.param({"fit_margin": 0.3}, "--fit-margin and --fit-threshold need --fit-to-content", id="fit-margin"),
+        pytest.param({"background": "white"}, "--background 'white': give one 0..255 value, or 3 comma-separated",
+                     id="background-name"),
+        pytest.param({"background": "0,0,300"}, "give one 0..255 value", id="background-above-255"),
+    ],
+)
+def test_validate_refuses_preprocessing_flags_that_do_nothing_or_cannot_be(flags, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(TrainConfig(**flags))
+
+
+def test_train_records_the_preprocessing_flags_in_the_checkpoint(tmp_path):
+    root = make_class_folder(tmp_path / "photos", {"a": 40, "b": 220}, per_class=6)
+    train(TrainConfig(data=str(root), arch="resnet8", image_size=8, epochs=1, batch_size=4, progress=False,
+                      out=str(tmp_path / "run"), resize_mode="pad", background="255", fit_to_content=True,
+                      fit_margin=0.2))
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    pre = ckpt["preprocessing"]
+    assert (pre["resize_mode"], pre["crop_fraction"], pre["background"]) == ("pad", None, [255, 255, 255]), pre
+    assert pre["fit_to_content"] == {"margin": 0.2, "threshold": 32}
+    assert ckpt["config"]["resize_mode"] == "pad"
+
+
 def test_help_documents_every_flag_with_its_default_and_choices():
     r = subprocess.run([sys.executable, "-m", "model.train", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
-    text = " ".join(r.stdout.split())  # argparse wraps lines
+    text = " ".join(re.sub(r"-\n\s+", "-", r.stdout).split())  # argparse wraps lines, after hyphens too
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         assert f.metadata["help"] in text, flag

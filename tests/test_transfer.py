@@ -69,6 +69,9 @@ def test_train_with_init_loads_backbone_and_sizes_head_for_the_folder(folder, we
     mismatched = [k for k in params if not pretrained.is_head(k) and not torch.equal(got[k], state[k])]
     assert not mismatched, f"not loaded from --init: {mismatched[:3]}"
     assert got["fc.weight"].shape == (2, 512) and got["fc.bias"].shape == (2,)
+    pre = torch.load(tmp_path / "run" / "best.pt", weights_only=False)["preprocessing"]
+    assert (pre["mean"], pre["std"]) == (IMAGENET["mean"], IMAGENET["std"]), pre  # torchvision weights: ImageNet's
+    assert (pre["resize_mode"], pre["crop_fraction"]) == (IMAGENET["resize_mode"], IMAGENET["crop_fraction"]), pre
 
 
 def test_train_freeze_backbone_leaves_backbone_bit_identical_and_trains_head(folder, weights, tmp_path):
@@ -132,6 +135,7 @@ def test_train_pretrained_imagenet_fetches_checks_and_records_imagenet_stats(fol
     assert_same_backbone(ckpt["model"], weights[1])
     pre = ckpt["preprocessing"]
     assert (pre["mean"], pre["std"], pre["colour_mode"]) == (IMAGENET["mean"], IMAGENET["std"], "RGB"), pre
+    assert (pre["resize_mode"], pre["crop_fraction"]) == (IMAGENET["resize_mode"], IMAGENET["crop_fraction"]), pre
     assert (tmp_path / "torch-home" / "hub" / "checkpoints" / weights[0].name).is_file()
 
 
