@@ -72,14 +72,15 @@ class Distortion:
     shear: float = 0.0  # degrees of horizontal slant, U(-shear, shear)
     translate: float = 0.0  # share of the side, U(-translate, translate) on each axis
     thickness: int = 0  # strokes dilated (or eroded) by a 3x3 max-pool applied up to this many times
+    ink: float = 0.0  # share of images re-inked: thresholded at a random level, so blurred strokes come out crisp
 
     @classmethod
     def of(cls, cfg: TrainConfig) -> Distortion:
-        return cls(cfg.zoom, cfg.stretch, cfg.rotate, cfg.shear, cfg.translate, cfg.thickness)
+        return cls(cfg.zoom, cfg.stretch, cfg.rotate, cfg.shear, cfg.translate, cfg.thickness, cfg.ink)
 
     @property
     def active(self) -> bool:
-        return any((self.zoom, self.stretch, self.rotate, self.shear, self.translate, self.thickness))
+        return any((self.zoom, self.stretch, self.rotate, self.shear, self.translate, self.thickness, self.ink))
 
 
 def thicken(x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -94,12 +95,22 @@ def thicken(x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def reink(x: torch.Tensor, chosen: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """The ``chosen`` images (0..255) thresholded softly at their ``level``: a pen's crisp stroke where the 8x8 digits
+    upscaled are a blur, thinner for a higher level (the page draws sharp strokes: docs/training.md#drawn-digits)."""
+    crisp = ((x - level[:, None, None, None]) * (255 / 24) + 127.5).clamp(0, 255)  # 24 grey levels from black to white
+    return torch.where(chosen[:, None, None, None], crisp, x)
+
+
 def distort(x: torch.Tensor, d: Distortion, gen: torch.Generator) -> torch.Tensor:
-    """Stroke thickness, then one random affine map per image (affine_grid + grid_sample, black outside); float out,
-    on the input's 0..255 or 0..1 scale. The random numbers are drawn on the CPU from ``gen``, so a seed gives the same
-    images on every device."""
-    n = x.shape[0]  # x: (N, C, H, W)
+    """Re-inking and stroke thickness, then one random affine map per image (affine_grid + grid_sample, black outside);
+    x: (N, C, H, W) on the 0..255 scale, float out. The random numbers are drawn on the CPU from ``gen``, so a seed
+    gives the same images on every device."""
+    n = x.shape[0]
     x = x.float()
+    if d.ink:
+        chosen = torch.rand(n, generator=gen) < d.ink
+        x = reink(x, chosen.to(x.device), (64 + 96 * torch.rand(n, generator=gen)).to(x.device))
     if d.thickness:
         x = thicken(x, torch.randint(-d.thickness, d.thickness + 1, (n,), generator=gen).to(x.device))
 
