@@ -3,6 +3,7 @@ through the service's own decode and preprocessing and an onnxruntime session. N
 
     python -m bench.drawn models/default.onnx           # top-1, per digit and per style, and the confusion matrix
     python -m bench.drawn models/default.onnx --json    # the same as one JSON object
+    python -m bench.drawn models/default.onnx --record  # and write the top-1 into the file's metrics (needs onnx)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 EVALSET = ROOT / "evalsets" / "drawn_digits"
+DRAWN_KEY = "drawn_accuracy"  # in a model's metrics: top-1 on this set
 
 
 def load_set(folder: Path = EVALSET) -> list[dict]:
@@ -57,6 +59,16 @@ def score(model_path: Path, folder: Path = EVALSET) -> dict:
     }
 
 
+def record(model_path: Path, top1: float) -> None:
+    """The file's ``metrics`` metadata with ``drawn_accuracy`` set: the weights and the rest stay as they are."""
+    import onnx
+
+    proto = onnx.load(model_path)
+    entry = next(p for p in proto.metadata_props if p.key == "metrics")
+    entry.value = json.dumps({**json.loads(entry.value), DRAWN_KEY: top1})
+    onnx.save(proto, model_path)
+
+
 def report(s: dict) -> str:
     lines = [f"{s['model']}: top-1 {s['top1'] * 100:.1f}% on {s['drawings']} drawn digits", "",
              "true \\ read  " + " ".join(f"{k:>3d}" for k in range(10)) + "   acc"]
@@ -71,10 +83,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.drawn", description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", type=Path, help="ONNX files to score")
     parser.add_argument("--json", action="store_true", help="one JSON object per model instead of the tables")
+    parser.add_argument("--record", action="store_true",
+                        help=f"write the top-1 into each file's metrics as {DRAWN_KEY} (a new file version)")
     args = parser.parse_args(argv)
     for path in args.models:
         s = score(path)
         print(json.dumps(s) if args.json else report(s) + "\n")
+        if args.record:
+            record(path, s["top1"])
 
 
 if __name__ == "__main__":

@@ -326,6 +326,7 @@ def test_drawing_sends_white_ink_on_black_png(page, screenshots):
 # One drawing per digit from the drawn-digits set (evalsets/drawn_digits), chosen by rule, not by result: the
 # first variation of style (digit mod 3).
 REDRAWN = [f"{d}-{list(drawn_set.STYLES[d])[d % 3]}-00" for d in range(10)]
+MAX_MISREAD = 1  # of the 10: the default model read 100% of the set, other seeds of its recipe 99.4% (docs/training.md)
 
 
 @pytest.fixture(scope="module")
@@ -358,6 +359,12 @@ def test_redrawn_set_drawings_match_their_stored_pngs(redrawn):
         assert again.shape == kept.shape == (280, 280), item["id"]
         diff = np.abs(again - kept)
         assert diff.mean() < 0.5, f"{item['id']}: the page drew it otherwise (mean |difference| {diff.mean():.2f})"
+
+
+def test_drawing_each_digit_shows_its_label(redrawn):
+    read = {item["id"]: answer["predictions"][0]["top_k"][0]["label"] for item, _, answer, _ in redrawn}
+    wrong = {key: label for key, label in read.items() if label != key.split("-")[0]}
+    assert len(wrong) <= MAX_MISREAD, f"misread (id: answer): {wrong}"
 
 
 def noise_png(side: int) -> bytes:
