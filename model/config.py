@@ -56,6 +56,8 @@ class TrainConfig:
                                          "by more than --fit-threshold), centre it in a square, then resize")
     fit_margin: float = option(0.1, "fit-to-content: margin on each side, as a fraction of the ink's longer side")
     fit_threshold: int = option(32, "fit-to-content: how far (0..254) from the background a pixel is ink")
+    synthetic: int = option(0, "digits only: add this many synthetic pen-drawn digits per class (model/strokes.py, "
+                               "seeded by --split-seed) to the training split; validation stays scikit-learn's")
     val_fraction: float = option(0.2, "share of each class held out for validation when the data has no val/ split")
     split_seed: int = option(0, "seed of the train/val split, fixed across training seeds so every run is scored on "
                                 "the same images")
@@ -64,6 +66,15 @@ class TrainConfig:
     shift: int = option(2, "augmentation: random translation by up to this many pixels (pad + crop)")
     flip: bool | None = option(None, "augmentation: random horizontal flips (default: on for CIFAR-10 and "
                                      "folders, off for digits)")
+    zoom: float = option(0.0, "augmentation: random scale by exp(U(-zoom, zoom)), e.g. 0.15: factors 0.86 to 1.16")
+    stretch: float = option(0.0, "augmentation: then the width alone by exp(U(-stretch, stretch))")
+    rotate: float = option(0.0, "augmentation: random rotation by up to this many degrees")
+    shear: float = option(0.0, "augmentation: random horizontal slant by up to this many degrees")
+    translate: float = option(0.0, "augmentation: random sub-pixel translation by up to this share of the side")
+    thickness: int = option(0, "augmentation: strokes grown or thinned by up to this many 3x3 max-pools (bright "
+                               "ink on dark)")
+    ink: float = option(0.0, "augmentation: share of images re-inked, thresholded at a random level so blurred "
+                             "strokes come out crisp, as drawn with a pen (0..1; for bright ink on dark)")
     # optimisation
     epochs: int = option(30, "passes over the training set")
     batch_size: int = option(128, "images per SGD step, global over all processes")

@@ -97,12 +97,21 @@ def digit_images() -> tuple[list[Image.Image], np.ndarray]:
     return [Image.fromarray(p, "L") for p in pixels], digits.target.astype(np.int64)
 
 
-def load_digits_data(image_size: int, val_fraction: float, split_seed: int, resize: str, **fields) -> DataBundle:
-    """``fields``: the further ``Preprocessing`` fields (resize_mode, crop_fraction, background, fit_to_content)."""
+def load_digits_data(image_size: int, val_fraction: float, split_seed: int, resize: str, synthetic: int = 0,
+                     **fields) -> DataBundle:
+    """``synthetic``: pen-drawn digits per class added to the training split only (``model.strokes``, seeded by
+    ``split_seed`` so every training seed sees the same set); ``fields``: the further ``Preprocessing`` fields
+    (resize_mode, crop_fraction, background, fit_to_content)."""
     images, targets = digit_images()
     train_idx, val_idx = stratified_split(targets, val_fraction, split_seed)
     pre = Preprocessing((image_size, image_size), "L", (0.0,), (1.0,), resize, **fields)
-    train = tensor_dataset([images[i] for i in train_idx], targets[train_idx], pre)
+    train_images, train_targets = [images[i] for i in train_idx], targets[train_idx]
+    if synthetic:
+        from model.strokes import synthetic_digits
+
+        drawn, drawn_targets = synthetic_digits(synthetic, split_seed)
+        train_images, train_targets = train_images + drawn, np.concatenate([train_targets, drawn_targets])
+    train = tensor_dataset(train_images, train_targets, pre)
     val = tensor_dataset([images[i] for i in val_idx], targets[val_idx], pre)
     labels = [str(d) for d in range(10)]
     return DataBundle(train, val, labels, with_stats(pre, train), "digits", flip=False)
@@ -238,8 +247,11 @@ def load_bundle(cfg: TrainConfig) -> DataBundle:
             raise DataError(f"{cfg.data} images are {mode}: drop --colour-mode {cfg.colour_mode} or pass {mode}")
     mode = {"digits": "L", "cifar10": "RGB"}.get(cfg.data, cfg.colour_mode or "RGB")
     fields = preprocessing_fields(cfg, 1 if mode == "L" else 3)
+    if cfg.synthetic and cfg.data != "digits":
+        raise DataError(f"--synthetic adds drawn digits to --data digits, not to {cfg.data}: drop it")
     if cfg.data == "digits":
-        return load_digits_data(cfg.image_size, cfg.val_fraction, cfg.split_seed, cfg.resize, **fields)
+        return load_digits_data(cfg.image_size, cfg.val_fraction, cfg.split_seed, cfg.resize, cfg.synthetic,
+                                **fields)
     if cfg.data == "cifar10":
         return load_cifar10_data(Path(cfg.data_dir), cfg.image_size, cfg.resize, cfg.download, **fields)
     return load_folder_data(

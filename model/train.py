@@ -31,7 +31,7 @@ from model import pretrained
 from model.checkpoint import CheckpointError, build_model, describe, parity_pixels, read
 from model.config import ConfigError, TrainConfig, parse_args, resolved, validate
 from model.data import DataBundle, DataError, load_bundle, summary
-from model.engine import augment, evaluate, lr_at, resolve_device, seed_everything
+from model.engine import Distortion, augment, distort, evaluate, lr_at, resolve_device, seed_everything
 from model.export import ExportError, export
 from model.preprocessing import normaliser
 from model.resnet import ResNet
@@ -195,13 +195,17 @@ def train_one_epoch(cfg: TrainConfig, epoch: int, net: nn.Module, optimizer: tor
     wrong = torch.zeros((), device=device)
     seen = 0
     show = cfg.progress and proc.main
+    distortion = Distortion.of(cfg)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False, dynamic_ncols=True)
     for i, (pixels, y) in enumerate(bar):
         step = epoch * steps_per_epoch + i
         lr = lr_at(cfg, step, total_steps, steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        x = normalise(augment(pixels.to(device, non_blocking=True), cfg.shift, flip, aug_gen))  # x: (N, C, H, W)
+        pixels = pixels.to(device, non_blocking=True)
+        if distortion.active:
+            pixels = distort(pixels, distortion, aug_gen)
+        x = normalise(augment(pixels, cfg.shift, flip, aug_gen))  # x: (N, C, H, W)
         y = y.to(device, non_blocking=True)
         with autocast:
             logits = net(x)

@@ -17,7 +17,8 @@ import torch
 
 from bench.harness import free_port
 from model.config import ConfigError, TrainConfig, parse_args, resolved, validate
-from model.engine import augment, lr_at
+from model.data import DataError, load_bundle, load_digits_data
+from model.engine import Distortion, augment, distort, lr_at, reink, thicken
 from model.train import MIN_STEPS_PER_EPOCH, few_steps_warning, train
 from tests.conftest import ROOT, make_class_folder
 
@@ -129,6 +130,76 @@ def test_augment_moves_uint8_pixels_as_it_moves_floats():
     as_uint8 = augment(pixels, 2, True, torch.Generator().manual_seed(5))
     as_float = augment(pixels.float(), 2, True, torch.Generator().manual_seed(5))
     assert as_uint8.dtype == torch.uint8 and torch.equal(as_uint8.float(), as_float)
+
+
+def test_distort_is_identity_when_every_range_is_zero():
+    x = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    out = distort(x, Distortion(), torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32 and torch.allclose(out, x.float(), atol=1e-3), (out - x.float()).abs().max()
+
+
+def test_distort_rotates_a_bar_by_at_most_its_limit():
+    x = torch.zeros(64, 1, 33, 33)
+    x[:, :, 4:29, 16] = 255.0  # a vertical bar through the centre
+    out = distort(x, Distortion(rotate=30), torch.Generator().manual_seed(0))
+    ys, xs = torch.meshgrid(torch.arange(33.0) - 16, torch.arange(33.0) - 16, indexing="ij")
+    w = out[:, 0] / out[:, 0].sum((1, 2), keepdim=True)
+    # the bar's direction from its second moments: 0 degrees is upright
+    sxx, syy, sxy = (w * xs * xs).sum((1, 2)), (w * ys * ys).sum((1, 2)), (w * xs * ys).sum((1, 2))
+    degrees = torch.rad2deg(0.5 * torch.atan2(2 * sxy, syy - sxx)).abs()
+    assert degrees.max() <= 31 and degrees.max() > 15, degrees  # within the limit, and really turned
+    assert torch.allclose(out.sum((1, 2, 3)), x.sum((1, 2, 3)), rtol=0.05), "the bar lost ink"
+
+
+def test_distort_is_the_same_for_the_same_seed_and_differs_between_images():
+    x = torch.rand(8, 1, 16, 16) * 255
+    d = Distortion(zoom=0.2, stretch=0.1, rotate=10, shear=10, translate=0.1, thickness=1)
+    a = distort(x, d, torch.Generator().manual_seed(7))
+    b = distort(x, d, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    same = distort(x[:1].repeat(8, 1, 1, 1), d, torch.Generator().manual_seed(7))
+    assert not torch.allclose(same[0], same[1]), "every image of the batch got the same distortion"
+
+
+def test_thicken_grows_and_thins_strokes_per_image():
+    x = torch.zeros(3, 1, 9, 9)
+    x[:, :, 2:7, 3:6] = 1.0  # a 3-pixel-wide stroke
+    out = thicken(x, torch.tensor([1, 0, -1]))
+    assert out[0].sum() == 7 * 5 and torch.equal(out[1], x[1]) and out[2].sum() == 3 * 1, out.sum((1, 2, 3))
+
+
+def test_reink_turns_a_blur_into_a_crisp_stroke_only_where_chosen():
+    ramp = torch.linspace(0, 255, 256).repeat(2, 1, 1, 1)  # (2, 1, 1, 256): black to white
+    out = reink(ramp, torch.tensor([True, False]), torch.tensor([128.0, 128.0]))
+    crisp = out[0, 0, 0]
+    assert crisp[:100].max() == 0 and crisp[156:].min() == 255, crisp  # black and white but for 24 levels about 128
+    assert torch.equal(out[1], ramp[1]), "an image not chosen was changed"
+
+
+def test_train_with_distortion_is_deterministic(tmp_path):
+    flags = dict(zoom=0.1, stretch=0.2, rotate=10, shear=15, translate=0.05, thickness=1, ink=0.5)
+    a = train(TrainConfig(**FAST, **flags, epochs=2, seed=3, out=str(tmp_path / "a")))
+    b = train(TrainConfig(**FAST, **flags, epochs=2, seed=3, out=str(tmp_path / "b")))
+    assert a == {**b, "seconds": a["seconds"]}
+
+
+def test_synthetic_digits_join_training_split_only_and_repeat_with_split_seed():
+    plain = load_digits_data(8, 0.2, 0, "bilinear")
+    a = load_digits_data(8, 0.2, 0, "bilinear", synthetic=3)
+    b = load_digits_data(8, 0.2, 0, "bilinear", synthetic=3)
+    assert len(a.train) == len(plain.train) + 30 and len(a.val) == len(plain.val), (len(a.train), len(a.val))
+    assert torch.equal(a.val.tensors[0], plain.val.tensors[0]), "synthetic digits leaked into validation"
+    assert torch.equal(a.train.tensors[0], b.train.tensors[0])
+    added = a.train.tensors[1][len(plain.train):]
+    assert added.tolist() == [d for d in range(10) for _ in range(3)], added
+    other = load_digits_data(8, 0.2, 1, "bilinear", synthetic=3)
+    assert not torch.equal(a.train.tensors[0][-30:], other.train.tensors[0][-30:]), "the split seed changed nothing"
+
+
+def test_synthetic_refused_for_other_data(tmp_path):
+    folder = make_class_folder(tmp_path / "data", {"a": 40, "b": 200})
+    with pytest.raises(DataError, match="--synthetic adds drawn digits to --data digits"):
+        load_bundle(TrainConfig(data=str(folder), synthetic=5))
 
 
 def test_train_learns_digits_and_is_deterministic(tmp_path):

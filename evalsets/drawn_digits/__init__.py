@@ -1,0 +1,1 @@
+"""Digits drawn with the mouse on the service's own page: README.md."""
