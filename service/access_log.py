@@ -6,7 +6,7 @@ the ``service.access`` logger. ``create_app`` installs it outermost when ``setti
 
 On the event loop a line costs only its record; ``BackgroundWriter`` formats and writes the records a few
 times a second, from a thread, so neither formatting nor a slow terminal or pipe holds up requests
-(docs/throughput.md#the-access-log).
+(docs/throughput.md#access-log).
 """
 
 from __future__ import annotations
