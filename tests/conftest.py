@@ -27,6 +27,24 @@ def default_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def version_1_model(default_model, tmp_path_factory) -> Path:
+    """The default model's weights as a contract version 1 file (stretch, onto black, no fit to content): what
+    files exported before version 2 hold."""
+    import onnx
+
+    from contract import PREPROCESSING_V2_KEYS
+
+    proto = onnx.load(default_model)
+    kept = [p for p in proto.metadata_props if p.key not in PREPROCESSING_V2_KEYS]
+    del proto.metadata_props[:]
+    for p in kept:
+        proto.metadata_props.add(key=p.key, value=json.dumps(1) if p.key == "contract_version" else p.value)
+    path = tmp_path_factory.mktemp("v1") / "version1.onnx"
+    onnx.save(proto, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def spec(default_model):
     """The default model's contract, as the service reads it."""
     from service.runtime import Model

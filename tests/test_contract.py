@@ -323,14 +323,14 @@ def v1_images() -> dict[str, bytes]:
     return out
 
 
-def test_default_model_of_contract_version_1_answers_bit_identically(default_model):
-    """The committed model (contract version 1) gets the same input tensor, and so the same logits, as the version 1
-    code gave it, through the service's own path."""
+def test_default_model_of_contract_version_1_answers_bit_identically(version_1_model):
+    """A contract version 1 file (the committed model's weights, its metadata as version 1 wrote it) gets the same
+    input tensor, and so the same logits, as the version 1 code gave it, through the service's own path."""
     from service.preprocessing import Preprocessor
     from service.runtime import Model
     from service.settings import Settings
 
-    model = Model.load(Settings(model_path=default_model, device="cpu"))
+    model = Model.load(Settings(model_path=version_1_model, device="cpu"))
     meta = model.spec.metadata
     assert meta["contract_version"] == 1
     service = Preprocessor(model.spec, max_pixels=10**8)

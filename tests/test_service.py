@@ -126,7 +126,7 @@ def test_predict_accuracy_on_validation_pngs(client):
     assert sum(g == y for g, y in zip(got, labels[:16], strict=True)) >= 15, got
 
 
-def test_predict_large_jpeg_decodes_at_reduced_scale(client, settings):
+def test_predict_large_jpeg_decodes_at_reduced_scale(client, version_1_model):
     img, label = one_per_class()[2]
     big = img.resize((1600, 1600), Image.Resampling.BILINEAR).convert("RGB")
     data = encode(big, "JPEG", quality=75)
@@ -135,7 +135,8 @@ def test_predict_large_jpeg_decodes_at_reduced_scale(client, settings):
     assert r.json()["predictions"][0]["top_k"][0]["label"] == str(label)
     from service.preprocessing import Preprocessor
 
-    pre = Preprocessor(Model.load(settings).spec, 10**8)
+    # A stretching model (the default fits to content, which decodes in full: the ink may be a few pixels).
+    pre = Preprocessor(Model.load(Settings(model_path=version_1_model)).spec, 10**8)
     decoded = pre.decode(pre.open(data).image)
     assert decoded.size == (200, 200)  # 1/8 scale via JPEG draft mode, still >= 32x32
 
@@ -358,9 +359,10 @@ def test_model_card_describes_model(client):
     assert card["labels"] == [str(i) for i in range(10)]
     assert card["input_shape"] == [-1, 1, 32, 32] and card["input_name"] == "input"
     assert card["preprocessing"]["colour_mode"] == "L" and card["provider"] == "CPUExecutionProvider"
-    assert card["preprocessing"] | {"mean": None, "std": None} == {  # a contract version 1 file, as it is read
+    assert card["preprocessing"] | {"mean": None, "std": None} == {  # the default reads drawings: fit to content
         "input_size": [32, 32], "colour_mode": "L", "mean": None, "std": None, "resize": "bilinear",
-        "resize_mode": "stretch", "crop_fraction": None, "background": [0], "fit_to_content": None}
+        "resize_mode": "stretch", "crop_fraction": None, "background": [0],
+        "fit_to_content": {"margin": 0.1, "threshold": 32}}
     assert card["arch"] == "resnet20" and card["val_accuracy"] >= 0.99
 
 

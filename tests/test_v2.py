@@ -29,7 +29,7 @@ HEADER = "Inference-Header-Content-Length"
 INFER = "/v2/models/default/infer"
 PNG = encode(one_per_class()[1][0], "PNG")
 ZEROS = np.zeros((1, 1, 32, 32), np.float32)
-LIMITS = {"max_upload_bytes": 200_000, "max_batch_images": 16, "max_batch_size": 8}
+LIMITS = {"max_upload_bytes": 400_000, "max_batch_images": 16, "max_batch_size": 8}
 KEY = "v2-test-key-0123456789"
 
 
@@ -278,8 +278,8 @@ def test_infer_accepts_nested_json_data(http, spec, predicted):
         pytest.param("POST", INFER, infer_request([binary(bytes_tensor(*[PNG] * 17), datatype="BYTES", shape=(17,))],
                                                   bytes_tensor(*[PNG] * 17)), 413,
                      "too many images in one request: limit 16 (RESNET_MAX_BATCH_IMAGES)", id="too-many-images"),
-        pytest.param("POST", INFER, {"content": b"{" + b" " * 200_000}, 413,
-                     "body too large: limit 200000 bytes (RESNET_MAX_UPLOAD_BYTES)", id="body-over-limit"),
+        pytest.param("POST", INFER, {"content": b"{" + b" " * 400_000}, 413,
+                     "body too large: limit 400000 bytes (RESNET_MAX_UPLOAD_BYTES)", id="body-over-limit"),
         pytest.param("POST", INFER, infer_request([binary(struct.pack("<I", 1000) + b"\x89PNG", datatype="BYTES",
                                                           shape=(1,))], struct.pack("<I", 1000) + b"\x89PNG"), 400,
                      "input 'input': malformed BYTES data: element 0 runs past the end of the tensor",
