@@ -146,7 +146,8 @@ def read_labels(path: Path) -> list[str]:
 
 
 def preprocessing(foreign: Foreign, input_size: list[int] | None, colour_mode: str | None,
-                  mean: list[float] | None, std: list[float] | None, resize: str) -> Preprocessing:
+                  mean: list[float] | None, std: list[float] | None, resize: str, resize_mode: str = "stretch",
+                  crop_fraction: float | None = None) -> Preprocessing:
     """What the graph's input fixes, completed by the flags; a flag that contradicts the graph is refused."""
     _, c, h, w = foreign.input_dims
     shape = f"{describe(foreign.input)}"
@@ -170,7 +171,8 @@ def preprocessing(foreign: Foreign, input_size: list[int] | None, colour_mode: s
     elif mean is None or std is None:
         raise AdoptError("pass both --mean and --std" if colour_mode == "RGB" else
                          "a one-channel (L) model has no common mean and std: pass --mean and --std")
-    return Preprocessing((input_size[0], input_size[1]), colour_mode, tuple(mean), tuple(std), resize)
+    return Preprocessing((input_size[0], input_size[1]), colour_mode, tuple(mean), tuple(std), resize,
+                         resize_mode=resize_mode, crop_fraction=crop_fraction)
 
 
 # --- running ---------------------------------------------------------------------------------------------------------
@@ -388,13 +390,13 @@ def check_batches(s: ort.InferenceSession, foreign: Foreign, x: np.ndarray, want
 
 def adopt(source: Path, labels_path: Path, out: Path, *, input_size: list[int] | None = None,
           colour_mode: str | None = None, mean: list[float] | None = None, std: list[float] | None = None,
-          resize: str = "bilinear", output: str = "auto", output_name: str | None = None,
-          name: str | None = None) -> dict:
+          resize: str = "bilinear", resize_mode: str = "stretch", crop_fraction: float | None = None,
+          output: str = "auto", output_name: str | None = None, name: str | None = None) -> dict:
     """Write ``out``, the foreign classifier ``source`` under the contract, checked; returns the report."""
     source, out = Path(source), Path(out)
     foreign = load(source, output_name)
     labels = read_labels(Path(labels_path))
-    pre = preprocessing(foreign, input_size, colour_mode, mean, std, resize)
+    pre = preprocessing(foreign, input_size, colour_mode, mean, std, resize, resize_mode, crop_fraction)
 
     x = normalise(pre, check_images())  # (N, C, H, W)
     answer = run_foreign(foreign, x)  # (N, classes)
@@ -443,7 +445,8 @@ def summary(source: Path, report: dict) -> str:
         f"adopted {source} -> {report['out']} ({report['bytes']:,} bytes)",
         f"  input   {report['input']!r} -> {INPUT_NAME!r}, batch axis {batch}",
         f"  output  {report['output']!r} ({source_out}, {report['classes']} classes) -> {LOGITS!r}, {PROBABILITIES!r}",
-        f"  preprocessing  {pre['colour_mode']} {pre['input_size'][0]}x{pre['input_size'][1]} {pre['resize']}, "
+        f"  preprocessing  {pre['colour_mode']} {pre['input_size'][0]}x{pre['input_size'][1]} "
+        f"{pre.get('resize_mode', 'stretch')} {pre['resize']}, "
         f"mean {pre['mean']}, std {pre['std']}",
         f"  checked  batch 1 and {report['parity_images']}, {report['parity_images']} synthetic images: "
         f"max |dp| {report['parity_max_abs_diff']:.1e} (limit {PARITY_TOLERANCE:.0e})",
@@ -473,7 +476,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--std", type=float, nargs="+", default=None,
                    help="per channel, on the [0, 1] scale (default for RGB: ImageNet's 0.229 0.224 0.225)")
     p.add_argument("--resize", choices=sorted(contract.RESIZE_FILTERS), default="bilinear",
-                   help="filter that stretches every image to the input size (default: bilinear)")
+                   help="Pillow filter of the resize (default: bilinear)")
+    p.add_argument("--resize-mode", choices=contract.RESIZE_MODES, default="stretch",
+                   help="how an image reaches the input size (docs/model.md#preprocessing-modes): stretch (default), "
+                        "shorter-side-crop (torchvision's ImageNet evaluation with --crop-fraction 0.875) or pad")
+    p.add_argument("--crop-fraction", type=float, default=None,
+                   help="shorter-side-crop only: the crop's share of the resized image (ImageNet: 0.875)")
     p.add_argument("--output", choices=("auto", LOGITS, PROBABILITIES), default="auto",
                    help="what the foreign output holds (default auto: probabilities if its rows are >= 0 and sum to "
                         "1 on the check images, else logits)")
@@ -487,7 +495,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         report = adopt(args.model, args.labels, args.out, input_size=args.input_size, colour_mode=args.colour_mode,
-                       mean=args.mean, std=args.std, resize=args.resize, output=args.output,
+                       mean=args.mean, std=args.std, resize=args.resize, resize_mode=args.resize_mode,
+                       crop_fraction=args.crop_fraction, output=args.output,
                        output_name=args.output_name, name=args.name)
     except (AdoptError, ContractError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")

@@ -4,6 +4,7 @@ cannot be adopted is refused in one line with exit code 2."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -94,14 +95,15 @@ def labels(tmp_path_factory) -> Path:
     return path
 
 
-def torch_probabilities(net: nn.Module, paths: list[Path], softmax: bool = True) -> np.ndarray:
+def torch_probabilities(net: nn.Module, paths: list[Path], softmax: bool = True,
+                        pre: Preprocessing = IMAGENET) -> np.ndarray:
     """The original network on these images, preprocessed as the service does for an ImageNet-normalised RGB model."""
     mean = np.asarray(IMAGENET.mean, np.float32).reshape(-1, 1, 1)
     std = np.asarray(IMAGENET.std, np.float32).reshape(-1, 1, 1)
     x = []
     for p in paths:
         with Image.open(p) as img:
-            x.append((IMAGENET.to_array(img).astype(np.float32) / 255 - mean) / std)
+            x.append((pre.to_array(img).astype(np.float32) / 255 - mean) / std)
     with torch.no_grad():
         out = net(torch.from_numpy(np.stack(x)))
     return (torch.softmax(out, 1) if softmax else out).numpy()
@@ -128,6 +130,22 @@ def test_adopt_command_makes_torchvision_layout_file_the_service_serves(net, for
     (got,) = predict(out, SAMPLES[:1])
     np.testing.assert_allclose(got["probabilities"], torch_probabilities(net, SAMPLES[:1])[0], atol=1e-5)
     assert [t["label"] for t in got["top_k"]][0] == LABELS[int(np.argmax(got["probabilities"]))], got
+
+
+def test_adopt_shorter_side_crop_serves_photos_as_the_original_saw_them(net, foreign, labels, tmp_path):
+    photo = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 72, 3), dtype=np.uint8), "RGB").save(photo)
+    out = tmp_path / "cropped.onnx"
+    r = run_adopt(foreign["dynamic"], "--labels", labels, "--out", out, "--resize-mode", "shorter-side-crop",
+                  "--crop-fraction", "0.875")
+    assert r.returncode == 0, r.stderr
+    meta = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}
+    assert (meta["resize_mode"], meta["crop_fraction"]) == ("shorter-side-crop", 0.875), meta
+    cropped = dataclasses.replace(IMAGENET, resize_mode="shorter-side-crop", crop_fraction=0.875)
+    (got,) = predict(out, [photo])
+    np.testing.assert_allclose(got["probabilities"], torch_probabilities(net, [photo], pre=cropped)[0], atol=1e-5)
+    stretched = torch_probabilities(net, [photo])[0]
+    assert np.abs(np.asarray(got["probabilities"]) - stretched).max() > 1e-4, "the crop made no difference"
 
 
 def test_adopt_writes_contract_names_dynamic_batch_and_metadata(foreign, labels, tmp_path):
