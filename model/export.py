@@ -100,13 +100,8 @@ def validation_pixels(ckpt: dict, data: Path | None = None) -> torch.Tensor:
         return folder_pixels(data, pre)
     if "parity_images" in ckpt:
         return ckpt["parity_images"]
-    try:
-        bundle = training_data(ckpt)
-    except DataError as e:
-        raise ExportError(f"the checkpoint carries no validation images and its training data cannot be read "
-                          f"({str(e).splitlines()[0]}); pass --data FOLDER with a few images of the kind the model "
-                          "classifies") from e
-    return parity_pixels(bundle)
+    return parity_pixels(training_data(ckpt, "the checkpoint carries no validation images and its",
+                                       "a few images of the kind the model classifies"))
 
 
 def validation_batch(ckpt: dict, data: Path | None = None) -> torch.Tensor:
@@ -114,10 +109,15 @@ def validation_batch(ckpt: dict, data: Path | None = None) -> torch.Tensor:
     return Preprocessing.from_metadata(ckpt["preprocessing"]).normalise(validation_pixels(ckpt, data))
 
 
-def training_data(ckpt: dict) -> DataBundle:
-    """The data the checkpoint was trained on, split as in training (``DataError`` when it cannot be read)."""
+def training_data(ckpt: dict, need: str, instead: str) -> DataBundle:
+    """The data the checkpoint was trained on, split as in training; where it cannot be read, an ``ExportError``
+    that begins with ``need`` and says what ``--data`` should hold instead."""
     pre = Preprocessing.from_metadata(ckpt["preprocessing"])
-    return load_bundle(dataclasses.replace(config_of(ckpt), colour_mode=pre.colour_mode))
+    try:
+        return load_bundle(dataclasses.replace(config_of(ckpt), colour_mode=pre.colour_mode))
+    except DataError as e:
+        raise ExportError(f"{need} training data cannot be read ({str(e).splitlines()[0]}); pass --data FOLDER "
+                          f"with {instead}") from e
 
 
 def metadata(ckpt: dict, name: str) -> dict[str, object]:
@@ -255,12 +255,8 @@ def labelled_data(ckpt: dict, data: Path | None, n_calibration: int = CALIBRATIO
     if data is not None:
         images, targets = labelled_folder(data, ckpt["labels"], pre)
         return Labelled(images, images, targets, f"{Path(data).name} (--data)")
-    try:
-        bundle = training_data(ckpt)
-    except DataError as e:
-        raise ExportError(f"--int8 needs labelled images and the checkpoint's training data cannot be read "
-                          f"({str(e).splitlines()[0]}); pass --data FOLDER with a sub-folder of images per "
-                          "label") from e
+    bundle = training_data(ckpt, "--int8 needs labelled images and the checkpoint's",
+                           "a sub-folder of images per label")
     step = max(1, len(bundle.train) // n_calibration)
     calibration = torch.stack([bundle.train[i][0] for i in range(0, len(bundle.train), step)][:n_calibration])
     images, targets = zip(*(bundle.val[i] for i in range(len(bundle.val))), strict=True)
