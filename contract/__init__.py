@@ -11,6 +11,7 @@ tests) share it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageChops, ImageOps
 
 CONTRACT_VERSION = 2  # 2 added resize modes, the background and fit-to-content; version 1 files read as before
 INPUT_NAME = "input"
@@ -47,6 +48,7 @@ RESIZE_FILTERS = {
 # the input and centre-cropped (torchvision's and timm's ImageNet evaluation), or scaled to fit and padded.
 RESIZE_MODES = ("stretch", "shorter-side-crop", "pad")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+EXIF_ORIENTATION = 0x0112
 
 
 class ContractError(ValueError):
@@ -56,7 +58,9 @@ class ContractError(ValueError):
 def to_colour_mode(img: Image.Image, mode: str, background: Sequence[int] | None = None) -> Image.Image:
     """EXIF orientation applied, 16-bit scaled to 8-bit, transparency flattened onto ``background`` (one value per
     channel of ``mode``; black by default, as the default model reads white ink on black), converted to ``mode``."""
-    img = ImageOps.exif_transpose(img)
+    img.load()  # a PNG's eXIf chunk may follow its pixels
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # else exif_transpose would only copy the image
+        img = ImageOps.exif_transpose(img)
     if img.mode in SIXTEEN_BIT_MODES:
         # Pillow's convert("L") clips 16-bit values at 255 instead of scaling them.
         arr = np.asarray(img, dtype=np.int64)
@@ -65,7 +69,7 @@ def to_colour_mode(img: Image.Image, mode: str, background: Sequence[int] | None
         img = img.convert("RGBA")
         r, g, b = (0, 0, 0) if background is None else tuple(background) * (3 // len(background))
         img = Image.alpha_composite(Image.new("RGBA", img.size, (r, g, b, 255)), img)
-    return img.convert(mode)
+    return img if img.mode == mode else img.convert(mode)  # the image itself when nothing changes
 
 
 @dataclass(frozen=True)
@@ -97,19 +101,36 @@ class FitToContent:
 FIT_MAX_GROWTH = 4  # fit_to_content's square holds at most this many times the image's pixels (plus 1 Mpx)
 
 
+def constant(mode: str, size: tuple[int, int], value: int | tuple[int, ...]) -> Image.Image:
+    """An image of one colour, never to be modified; small ones cached, as a service sees the same few sizes of
+    drawing again and again (large ones are not: 16 photos' worth of memory would stay held)."""
+    if size[0] * size[1] > 512 * 512:
+        return Image.new(mode, size, value)
+    return cached_constant(mode, size, value)
+
+
+@functools.lru_cache(maxsize=16)
+def cached_constant(mode: str, size: tuple[int, int], value: int | tuple[int, ...]) -> Image.Image:
+    return Image.new(mode, size, value)
+
+
 def fit_to_content(img: Image.Image, background: int | Sequence[int], margin: float, threshold: int) -> Image.Image:
     """The ink's bounding box (pixels differing from ``background`` by more than ``threshold`` in some channel),
     centred on a square of ``background`` with ``margin`` times its longer side on each side. A blank image comes
     back unchanged."""
     FitToContent(margin, threshold)  # the same checks as the metadata's
     channels = len(img.getbands())
-    bg = np.broadcast_to(np.asarray(background, dtype=np.int16), (channels,))  # one value, or one per channel
-    arr = np.asarray(img, dtype=np.int16).reshape(img.height, img.width, channels)
-    ink = (np.abs(arr - bg) > threshold).any(axis=2)
-    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    if rows.size == 0:
+    bg = tuple(int(v) for v in background) if isinstance(background, Sequence) else (int(background),)
+    bg = bg * channels if len(bg) == 1 else bg  # one value, or one per channel
+    fill = bg if channels > 1 else bg[0]
+    # In Pillow's C code rather than numpy (docs/throughput.md#fit-to-content): |pixel - background| per channel,
+    # less the threshold (clipped at 0), is non-zero exactly where a channel is ink; getbbox spans every band.
+    diff = img if not any(bg) else ImageChops.difference(img, constant(img.mode, img.size, fill))
+    ink = ImageChops.subtract(diff, constant(img.mode, img.size, (threshold,) * channels if channels > 1 else threshold))
+    found = ink.getbbox()
+    if found is None:
         return img
-    box = img.crop((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
+    box = img.crop(found)
     side = max(box.size) + 2 * math.floor(margin * max(box.size) + 0.5)
     if side * side > FIT_MAX_GROWTH * img.width * img.height + 2**20:
         # A long thin stroke would make a square far larger than the image (a memory bomb from a few bytes of PNG):
@@ -117,7 +138,6 @@ def fit_to_content(img: Image.Image, background: int | Sequence[int], margin: fl
         factor = math.ceil(side / math.sqrt(FIT_MAX_GROWTH * img.width * img.height + 2**20))
         box = box.reduce(factor)
         side = max(box.size) + 2 * math.floor(margin * max(box.size) + 0.5)
-    fill = tuple(int(v) for v in bg) if channels > 1 else int(bg[0])
     canvas = Image.new(img.mode, (side, side), fill)
     canvas.paste(box, ((side - box.width) // 2, (side - box.height) // 2))
     return canvas

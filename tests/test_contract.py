@@ -158,6 +158,41 @@ def test_fit_to_content_finds_dark_ink_on_white_paper_in_rgb():
     assert (arr[0, 0] == 255).all() and tuple(arr[10, 10]) == (200, 40, 40)
 
 
+def ink_box(img: Image.Image, background: tuple[int, ...], threshold: int) -> tuple[int, int, int, int] | None:
+    """The definition, pixel by pixel in numpy: where some channel differs from the background by more than the
+    threshold."""
+    arr = np.asarray(img, dtype=np.int16).reshape(img.height, img.width, -1)
+    ink = (np.abs(arr - np.asarray(background, dtype=np.int16)) > threshold).any(axis=2)
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    return None if rows.size == 0 else (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_fit_to_content_box_matches_the_pixelwise_definition_on_random_images(mode):
+    rng = np.random.default_rng(7)
+    channels = len(mode)
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        background = tuple(int(v) for v in rng.integers(0, 256, channels))
+        arr = np.broadcast_to(np.asarray(background, np.int16), (h, w, channels)).copy()
+        for _ in range(int(rng.integers(0, 5))):  # a few pixels off the background, some within the threshold
+            arr[rng.integers(0, h), rng.integers(0, w), rng.integers(0, channels)] += rng.integers(-90, 90)
+        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8).squeeze(axis=2) if channels == 1 else
+                              arr.clip(0, 255).astype(np.uint8), mode)
+        threshold = int(rng.integers(0, 255))
+        box = ink_box(img, background, threshold)
+        out = fit_to_content(img, background if channels > 1 else background[0], margin=0.0, threshold=threshold)
+        if box is None:
+            assert out is img
+            continue
+        expected = img.crop(box)
+        side = max(expected.size)
+        left, top = (side - expected.width) // 2, (side - expected.height) // 2
+        assert out.size == (side, side), (box, out.size)
+        assert np.array_equal(np.asarray(out.crop((left, top, left + expected.width, top + expected.height))),
+                              np.asarray(expected)), box
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
