@@ -35,6 +35,8 @@ VARIANTS = {
     # The access log's lines formatted and written on the event loop, as before service.access_log's writer thread.
     "accesslog_inline": {},
     "batching_off": {"max_batch_size": 1},
+    "t1": {"intra_op_threads": 1},
+    "nospin": {"ort_spinning": False},
 }
 
 

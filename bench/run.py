@@ -46,6 +46,8 @@ PEERS_DIR = ROOT.parent / "shared" / "peers"  # TorchServe, set up as its docs r
 VARIANTS = {"batching_off": {"RESNET_MAX_BATCH_SIZE": "1"},
             "batching_on_w2": {"RESNET_WORKERS": "2", "RESNET_INTRA_OP_THREADS": "1", "RESNET_DECODE_THREADS": "1"},
             "batching_on_nospin": {"RESNET_ORT_SPINNING": "false"},
+            # Two processes, each with an onnxruntime pool of every core that sleeps instead of spinning when idle.
+            "batching_on_w2_t2": {"RESNET_WORKERS": "2", "RESNET_DECODE_THREADS": "1", "RESNET_ORT_SPINNING": "false"},
             # The access log's cost (on by default): the same server without it.
             "batching_on_noaccesslog": {"RESNET_ACCESS_LOG": "false"},
             # GPU hosts have the cores: 4 processes decode in parallel and share the one GPU.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from logging.handlers import QueueHandler
 
 from starlette.types import Scope
@@ -23,11 +24,20 @@ from service.http import AnsweredRequests
 log = logging.getLogger("service.access")
 
 
+FORMAT = "%s %s %s %d %.1fms"
+
+
 class AccessLog(AnsweredRequests):
     def answered(self, scope: Scope, status: int, seconds: float) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
         client = scope.get("client")
-        log.info("%s %s %s %d %.1fms", f"{client[0]}:{client[1]}" if client else "-", scope["method"], scope["path"],
-                 status, seconds * 1000)
+        args = (f"{client[0]}:{client[1]}" if client else "-", scope["method"], scope["path"], status, seconds * 1000)
+        writer = BackgroundWriter.running
+        if writer is None:
+            log.info(FORMAT, *args)
+        else:  # even the record is built by the writer: the loop only queues the line's values and the time
+            writer.records.put((time.time(), args))
 
 
 class Handoff(QueueHandler):
@@ -45,9 +55,12 @@ class BackgroundWriter:
     one collects what arrived since its last turn. ``stop`` writes what is still queued.
     """
 
+    running: BackgroundWriter | None = None  # the one started for ``log``, which ``AccessLog`` hands lines to
+
     def __init__(self, logger: logging.Logger = log, interval_s: float = 0.1) -> None:
         self.logger, self.interval_s = logger, interval_s
-        self.records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        # Records logged through the logger, and (time, args) of AccessLog's lines.
+        self.records: queue.SimpleQueue[logging.LogRecord | tuple[float, tuple]] = queue.SimpleQueue()
         self.handoff = Handoff(self.records)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="access-log", daemon=True)
@@ -56,9 +69,13 @@ class BackgroundWriter:
         self.logger.addHandler(self.handoff)
         self.logger.propagate = False
         self.thread.start()
+        if self.logger is log:
+            BackgroundWriter.running = self
         return self
 
     def stop(self) -> None:
+        if BackgroundWriter.running is self:
+            BackgroundWriter.running = None
         self.logger.removeHandler(self.handoff)
         self.logger.propagate = True
         self.stopping.set()
@@ -76,6 +93,15 @@ class BackgroundWriter:
                 record = self.records.get_nowait()
             except queue.Empty:
                 return
+            if isinstance(record, tuple):
+                record = self.line(*record)
             for handler in handlers:
                 if record.levelno >= handler.level:
                     handler.handle(record)
+
+    def line(self, at: float, args: tuple) -> logging.LogRecord:
+        """AccessLog's line as the record ``log.info`` would have made, stamped with the time it was answered."""
+        record = self.logger.makeRecord(self.logger.name, logging.INFO, __file__, 0, FORMAT, args, None)
+        record.created, record.msecs = at, int((at - int(at)) * 1000) + 0.0
+        record.relativeCreated = (at - logging._startTime) * 1000  # as LogRecord computes it
+        return record

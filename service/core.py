@@ -145,6 +145,8 @@ class Classification:
 
     @property
     def logits(self) -> np.ndarray:
+        if len(self.results) == 1:
+            return self.results[0].logits[None]  # a view: most requests carry one image
         return np.stack([r.logits for r in self.results])  # (N, classes) float32
 
     def observe(self, seconds: float) -> None:
@@ -248,40 +250,51 @@ async def classify_tensors(state: ServiceState, x: np.ndarray, gone: Awaitable[N
     return await guarded(state, gone, infer())
 
 
+# A request answered sooner than this never starts the task that watches for its client leaving: for small
+# requests that task (and asyncio.wait around it) cost more than the work (docs/throughput.md#per-request-cost).
+WATCH_AFTER_S = 0.005
+
+
 async def guarded(state: ServiceState, gone: Awaitable[None] | None,
                   work: Coroutine[Any, Any, Classification]) -> Classification:
     """Run ``work`` within the request deadline (``DeadlineExceeded``), and abandon it, dropping its queued
-    images, if ``gone`` resolves first (``ClientGone``)."""
+    images, if ``gone`` resolves first (``ClientGone``). ``work`` runs in the caller's task, under
+    ``asyncio.timeout``; ``gone`` is awaited only once the request has taken ``WATCH_AFTER_S``."""
     started = time.perf_counter()
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(gone) if gone is not None else None
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    watcher: asyncio.Task | None = None
+    left = finished = False
+
+    def on_gone(w: asyncio.Task) -> None:
+        nonlocal left
+        if not finished and not w.cancelled() and w.exception() is None:
+            left = True
+            task.cancel()  # into ``work``: its reservation is released and its queued images dropped
+
+    def watch() -> None:
+        nonlocal watcher
+        watcher = asyncio.ensure_future(gone)
+        watcher.add_done_callback(on_gone)
+
+    timer = loop.call_later(WATCH_AFTER_S, watch) if gone is not None else None
     try:
-        done, _ = await asyncio.wait(
-            {task} if watcher is None else {task, watcher}, timeout=state.settings.request_timeout_ms / 1000,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-    except asyncio.CancelledError:
-        task.cancel()  # the door itself was cancelled (e.g. gRPC, when its client cancels): drop the queued images
+        async with asyncio.timeout(state.settings.request_timeout_ms / 1000) as deadline:
+            classification = await work
+    except BaseException as e:
         metrics.STATISTICS.fail.add(time.perf_counter() - started)
+        if isinstance(e, TimeoutError) and deadline.expired():
+            raise DeadlineExceeded() from None
+        if isinstance(e, asyncio.CancelledError) and left and task.uncancel() == 0:
+            raise ClientGone() from None  # cancelled by on_gone alone (a door cancelled as well: re-raised)
         raise
     finally:
+        finished = True
+        if timer is not None:
+            timer.cancel()
         if watcher is not None:
             watcher.cancel()
-    if task in done:
-        try:
-            classification = task.result()
-        except BaseException:
-            metrics.STATISTICS.fail.add(time.perf_counter() - started)
-            raise
-        classification.observe(time.perf_counter() - started)
-        return classification
-    task.cancel()
-    try:
-        await task  # let a queue reservation release and surface errors raised before the cut-off
-    except asyncio.CancelledError:
-        pass
-    finally:
-        metrics.STATISTICS.fail.add(time.perf_counter() - started)
-    if watcher is not None and watcher in done:
-        raise ClientGone()
-    raise DeadlineExceeded()
+        elif gone is not None and asyncio.iscoroutine(gone):
+            gone.close()  # never started: closed, so it is not reported as never awaited
+    classification.observe(time.perf_counter() - started)
+    return classification
