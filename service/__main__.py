@@ -29,11 +29,12 @@ def configure_logging(settings: Settings, stream: IO[str] | None = None) -> None
             atexit.register(access_log.BackgroundWriter().start().stop)
 
 
-def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
+def run_server(settings: Settings, sockets: list[socket.socket] | None = None, supervised: bool = False) -> None:
     """uvicorn serving ``create_app(settings)`` in this process, on ``sockets`` or on host:port."""
     keep_clean_exit_after_drain()
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+        create_app(settings, supervised=supervised), host=settings.host, port=settings.port,
+        log_level=settings.log_level,
         # uvicorn's own access log is off: service.access_log writes one, with the status and the duration.
         timeout_graceful_shutdown=settings.drain_timeout_s, access_log=False,
         http=capped_head(settings.max_header_bytes),
@@ -44,7 +45,7 @@ def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -
 def main() -> None:
     settings = Settings()
     configure_logging(settings)
-    if settings.workers == 1:
+    if settings.effective_workers == 1:
         run_server(settings)
         return
     from service.supervisor import Supervisor

@@ -32,13 +32,15 @@ class Service(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = Model.load) -> Service:
-    """Build the service. ``load_model`` is the seam tests use to observe loading or inject faults."""
+def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = Model.load,
+               supervised: bool = False) -> Service:
+    """Build the service. ``load_model`` is the seam tests use to observe loading or inject faults; ``supervised``:
+    run as one of ``service.supervisor``'s workers."""
     app = Service(
         title="ResNet inference service",
         version="0.1.0",
         summary="Classify images with a residual network exported to ONNX, served by onnxruntime.",
-        lifespan=lifecycle.lifespan(settings, load_model),
+        lifespan=lifecycle.lifespan(settings, load_model, supervised),
         docs_url=None,  # served by service.api_docs, from the service itself
         redoc_url=None,
     )

@@ -66,6 +66,8 @@ class Reservation:
         self.batcher._wakeup.set()
         futures = [it.future for it in items]
         try:
+            if len(futures) == 1:  # most requests: no gathering future to make
+                return [await futures[0]]
             return list(await asyncio.gather(*futures))
         except BaseException:
             for f in futures:  # a cancelled (timed-out, disconnected) request leaves nothing queued

@@ -45,9 +45,10 @@ class Pipeline:
 class ServiceState:
     """Everything the lifespan builds; each door reaches it its own way."""
 
-    def __init__(self, settings: Settings, load_model: Callable[[Settings], Model]) -> None:
+    def __init__(self, settings: Settings, load_model: Callable[[Settings], Model], supervised: bool = False) -> None:
         self.settings = settings
         self.load_model = load_model
+        self.supervised = supervised  # one of service.supervisor's workers, which share the ports
         self.serving: Pipeline | None = None
         self.status = "loading"
         self.reason: str | None = "model is loading"

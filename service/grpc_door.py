@@ -323,7 +323,7 @@ def build_server(state: ServiceState, version: str) -> aio.Server:
     server = aio.server(options=[
         ("grpc.max_receive_message_length", settings.max_upload_bytes),
         # Workers share the port as they share the HTTP one; a lone server on a taken port is an error instead.
-        ("grpc.so_reuseport", int(settings.workers > 1)),
+        ("grpc.so_reuseport", int(state.supervised)),
     ])
     server.add_generic_rpc_handlers((inference_handlers(InferenceServicer(state, version)),))
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(state), server)

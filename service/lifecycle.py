@@ -27,10 +27,10 @@ def keep_clean_exit_after_drain() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
 
 
-def reload_other_workers(settings: Settings) -> None:
+def reload_other_workers(state: ServiceState) -> None:
     """After an /admin/reload under the supervisor: it forwards SIGHUP to every worker (this one reloads again,
     which is harmless: the same file, under the reload lock)."""
-    if settings.workers > 1:
+    if state.supervised:
         os.kill(os.getppid(), signal.SIGHUP)
 
 
@@ -86,12 +86,13 @@ async def _start_grpc(state: ServiceState, version: str):
     return server
 
 
-def lifespan(settings: Settings, load_model: Callable[[Settings], Model]):
-    """The ASGI lifespan: ``app.state.service`` holds the ``ServiceState`` while the app runs."""
+def lifespan(settings: Settings, load_model: Callable[[Settings], Model], supervised: bool = False):
+    """The ASGI lifespan: ``app.state.service`` holds the ``ServiceState`` while the app runs. ``supervised``: a
+    worker of ``service.supervisor``, whose socket listens only once the lifespan has started."""
 
     @asynccontextmanager
     async def run(app) -> AsyncIterator[None]:
-        state = ServiceState(settings, load_model)
+        state = ServiceState(settings, load_model, supervised)
         app.state.service = state
         _drain_on_stop_signals(state)
         undo_sighup = _reload_on_sighup(state)
@@ -106,7 +107,7 @@ def lifespan(settings: Settings, load_model: Callable[[Settings], Model]):
         loader = asyncio.create_task(state.load(), name="model-load")
         grpc_server = None
         try:
-            if settings.workers > 1:
+            if supervised:
                 # A worker listens only after the lifespan's startup: waiting here for the model means the kernel
                 # sends it no connection until it is ready (service.supervisor).
                 await asyncio.shield(loader)

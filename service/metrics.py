@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -51,43 +53,79 @@ GRPC_LATENCY = Histogram("grpc_request_duration_seconds", "Time to answer a gRPC
                          buckets=STAGE_BUCKETS, namespace=NAMESPACE)
 
 
-@dataclass
+DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer")
+MAX_BATCH = 4096  # Settings.max_batch_size's bound: one (count, ns) pair per batch size
+# One row of int64 cells per process: inference_count, execution_count, last_inference_ms, then (count, ns) for each
+# duration, then for each batch size.
+INFERENCE_COUNT, EXECUTION_COUNT, LAST_INFERENCE = 0, 1, 2
+FIRST_DURATION = 3
+FIRST_BATCH = FIRST_DURATION + 2 * len(DURATIONS)
+CELLS = FIRST_BATCH + 2 * MAX_BATCH
+
+
 class Duration:
-    count: int = 0
-    ns: int = 0  # summed over count
+    """A (count, ns) pair of cells in this process's row."""
+
+    def __init__(self, stats: InferenceStatistics, cell: int) -> None:
+        self.stats, self.cell = stats, cell
 
     def add(self, seconds: float) -> None:
-        self.count += 1
-        self.ns += round(seconds * 1e9)
-
-    def as_dict(self) -> dict[str, int]:
-        return {"count": self.count, "ns": self.ns}
+        own, cell = self.stats.own, self.cell
+        own[cell] += 1
+        own[cell + 1] += round(seconds * 1e9)
 
 
 @dataclass
+class Figures:
+    """The statistics summed over every process that serves (for Triton's statistics extension)."""
+
+    inference_count: int
+    execution_count: int
+    last_inference_ms: int
+    durations: dict[str, dict[str, int]]  # name -> {"count", "ns"}
+    batches: dict[int, dict[str, int]]  # batch size -> {"count", "ns"} of its session.runs
+
+
 class InferenceStatistics:
-    """The figures of Triton's statistics extension, since the process started, from what the core and the
-    batcher already measure. Updated on the event loop only."""
+    """The figures of Triton's statistics extension, since the service started, from what the core and the batcher
+    already measure. Each process counts into its own row of cells, updated on its event loop only; under the
+    supervisor the rows are one shared file (``attach``), so any worker answers for all of them, as ``/metrics``
+    does."""
 
-    inference_count: int = 0  # images classified
-    execution_count: int = 0  # batches run
-    last_inference_ms: int = 0  # ms since the epoch
-    success: Duration = field(default_factory=Duration)  # per request: admitted to answered
-    fail: Duration = field(default_factory=Duration)
-    queue: Duration = field(default_factory=Duration)  # per request: its longest-waiting image
-    compute_input: Duration = field(default_factory=Duration)  # per request: decode and preprocess, summed
-    compute_infer: Duration = field(default_factory=Duration)  # per request: its batch's session.run
-    batches: dict[int, Duration] = field(default_factory=dict)  # session.run time by batch size
+    def __init__(self) -> None:
+        self.rows = np.zeros((1, CELLS), np.int64)
+        self.own = self.rows[0]
+        for i, name in enumerate(DURATIONS):
+            setattr(self, name, Duration(self, FIRST_DURATION + 2 * i))
 
-    def durations(self) -> dict[str, Duration]:
-        return {"success": self.success, "fail": self.fail, "queue": self.queue,
-                "compute_input": self.compute_input, "compute_infer": self.compute_infer}
+    def attach(self, path: Path, index: int) -> None:
+        """Count into row ``index`` of the shared file ``path`` (made by ``create``); a replaced worker continues
+        its predecessor's row, so the figures stay totals since the service started."""
+        self.rows = np.memmap(path, np.int64, mode="r+").reshape(-1, CELLS)
+        self.own = self.rows[index]
+
+    @staticmethod
+    def create(path: Path, processes: int) -> None:
+        np.zeros((processes, CELLS), np.int64).tofile(path)
 
     def batch(self, size: int, seconds: float) -> None:
-        self.batches.setdefault(size, Duration()).add(seconds)
-        self.execution_count += 1
-        self.inference_count += size
-        self.last_inference_ms = time.time_ns() // 1_000_000
+        own = self.own
+        cell = FIRST_BATCH + 2 * (min(size, MAX_BATCH) - 1)
+        own[cell] += 1
+        own[cell + 1] += round(seconds * 1e9)
+        own[EXECUTION_COUNT] += 1
+        own[INFERENCE_COUNT] += size
+        own[LAST_INFERENCE] = time.time_ns() // 1_000_000
+
+    def figures(self) -> Figures:
+        total = self.rows.sum(axis=0)
+        durations = total[FIRST_DURATION:FIRST_BATCH].reshape(-1, 2).tolist()
+        batches = total[FIRST_BATCH:].reshape(-1, 2).tolist()
+        return Figures(
+            int(total[INFERENCE_COUNT]), int(total[EXECUTION_COUNT]), int(self.rows[:, LAST_INFERENCE].max()),
+            {name: {"count": c, "ns": ns} for name, (c, ns) in zip(DURATIONS, durations, strict=True)},
+            {size: {"count": c, "ns": ns} for size, (c, ns) in enumerate(batches, start=1) if c},
+        )
 
 
 STATISTICS = InferenceStatistics()

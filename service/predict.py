@@ -1,9 +1,9 @@
 """``POST /predict``, the hot path, as a plain ASGI endpoint in front of the FastAPI app.
 
 Each request here skips what the route does not need: Starlette's middleware stack (and FastAPI's own layers in
-it), routing, dependency resolution and a Response object. It reads the body within the shared limits, calls the core, and answers with orjson. The
-FastAPI route of the same path (``service.routes``) documents the operation in OpenAPI and answers the same way
-where this endpoint is not in front.
+it), routing, dependency resolution and a Response object. It reads the body within the shared limits, calls the
+core, and answers with orjson. The FastAPI route of the same path (``service.routes``) documents the operation in
+OpenAPI and answers the same way where this endpoint is not in front.
 """
 
 from __future__ import annotations

@@ -426,14 +426,14 @@ def model_config_of(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
 
 
 def model_statistics_of(spec: ModelSpec, stats: InferenceStatistics) -> dict[str, Any]:
-    """Triton's statistics for the served model since the process started (durations in ns)."""
+    """Triton's statistics for the served model since the service started, over all its workers (durations in ns)."""
+    figures = stats.figures()
     return {"model_stats": [{
         "name": spec.name,
         "version": spec.version,
-        "last_inference": stats.last_inference_ms,
-        "inference_count": stats.inference_count,
-        "execution_count": stats.execution_count,
-        "inference_stats": {name: d.as_dict() for name, d in stats.durations().items()},
-        "batch_stats": [{"batch_size": size, "compute_infer": d.as_dict()}
-                        for size, d in sorted(stats.batches.items())],
+        "last_inference": figures.last_inference_ms,
+        "inference_count": figures.inference_count,
+        "execution_count": figures.execution_count,
+        "inference_stats": figures.durations,
+        "batch_stats": [{"batch_size": size, "compute_infer": d} for size, d in sorted(figures.batches.items())],
     }]}

@@ -79,7 +79,7 @@ async def model_card(state: State, _: Authorized) -> ModelCard:
 async def reload(state: State, _: Admin) -> Reloaded:
     """Reload the model from the configured path; the old one serves until the new one is warm."""
     pipeline = await state.reload()
-    lifecycle.reload_other_workers(state.settings)
+    lifecycle.reload_other_workers(state)
     spec = pipeline.model.spec
     return Reloaded(status="reloaded", model=ModelRef(name=spec.name, version=spec.version),
                     provider=pipeline.model.provider)

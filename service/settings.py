@@ -3,6 +3,7 @@ nothing reads the environment at import time."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -13,12 +14,32 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default.onnx"
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (cgroup/affinity aware where the OS says so)."""
+def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The CPU limit of this process's cgroup, in whole cores rounded up (None: unlimited or unknown). A container's
+    limit (``docker run --cpus``, a pod's ``limits.cpu``) leaves every core of the host in the affinity mask."""
     try:
-        return len(os.sched_getaffinity(0))
+        quota, period = (root / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "200000 100000"
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:  # "max"
+        return None
+    return max(1, math.ceil(q / p)) if q > 0 and p > 0 else None
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its affinity mask, narrowed by its cgroup's CPU limit."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cpu_quota()
+    return min(cores, quota) if quota else cores
 
 
 class Settings(BaseSettings):
@@ -34,7 +55,8 @@ class Settings(BaseSettings):
         "auto", description="auto: CUDA if it really works, else CPU; cuda: never ready without CUDA; cpu"
     )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads per inference (0 = usable cores)")
-    ort_spinning: bool = Field(True, description="onnxruntime worker threads spin between parallel sections")
+    # Off by default: spinning threads took a core's worth of CPU from the event loops (docs/throughput.md#defaults).
+    ort_spinning: bool = Field(False, description="onnxruntime worker threads spin between parallel sections")
     cuda_device_id: int = Field(0, ge=0)
     # Off: TF32 moves float32 answers away from the CPU's (docs/throughput.md#on-a-gpu).
     cuda_tf32: bool = Field(False, description="let cuDNN use TF32 tensor cores for float32 convolutions")
@@ -45,7 +67,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(8001, ge=0, le=65535, description="the Open Inference Protocol over gRPC (0: off)")
-    workers: int = Field(1, ge=1, le=64, description="worker processes, each with its own session (service.supervisor)")
+    # One per core: each process's Python (HTTP, decoding, batching) runs on one core at a time, and one worker
+    # per core served the most here (docs/throughput.md#defaults).
+    workers: int = Field(0, ge=0, le=64, description="worker processes, each with its own session "
+                         "(service.supervisor; 0 = one per usable core)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = Field(True, description="one line per request (client, method, path, status, duration)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")
@@ -65,7 +90,8 @@ class Settings(BaseSettings):
         5000, gt=0, description="429 at once when admitted images would wait longer than this at the measured rate"
     )
     request_timeout_ms: float = Field(10_000, gt=0, description="per-request deadline (504 past it)")
-    decode_threads: int = Field(0, ge=0, description="threads decoding images (0 = usable cores)")
+    decode_threads: int = Field(0, ge=0, description="threads decoding images per worker (0 = its share of the "
+                                "usable cores)")
     # access
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
@@ -109,5 +135,9 @@ class Settings(BaseSettings):
         return self.intra_op_threads or usable_cores()
 
     @property
+    def effective_workers(self) -> int:
+        return self.workers or usable_cores()
+
+    @property
     def effective_decode_threads(self) -> int:
-        return self.decode_threads or usable_cores()
+        return self.decode_threads or max(1, usable_cores() // self.effective_workers)

@@ -23,6 +23,7 @@ import socket
 import tempfile
 import time
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 from service.settings import Settings
 
@@ -43,14 +44,17 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_worker(settings: Settings, index: int) -> None:
-    """A worker process: the whole service on its own SO_REUSEPORT socket."""
+def run_worker(settings: Settings, index: int, statistics: Path) -> None:
+    """A worker process: the whole service on its own SO_REUSEPORT socket, counting its inference statistics into
+    row ``index`` of the shared file ``statistics``."""
+    from service import metrics
     from service.__main__ import configure_logging, run_server
 
     configure_logging(settings)
+    metrics.STATISTICS.attach(statistics, index)
     os.environ["RESNET_WORKER_INDEX"] = str(index)
     sock = reuseport_socket(settings.host, settings.port)
-    run_server(settings, sockets=[sock])
+    run_server(settings, sockets=[sock], supervised=True)
 
 
 class Supervisor:
@@ -64,7 +68,8 @@ class Supervisor:
         self.reload_requested = False
 
     def spawn(self, index: int) -> None:
-        proc = self.context.Process(target=run_worker, args=(self.settings, index), name=f"worker-{index}")
+        proc = self.context.Process(target=run_worker, args=(self.settings, index, self.statistics),
+                                    name=f"worker-{index}")
         proc.start()
         self.workers[index], self.started[index] = proc, time.monotonic()
         log.info("worker %d started (pid %d)", index, proc.pid)
@@ -75,11 +80,15 @@ class Supervisor:
         if owned:
             metrics_dir = tempfile.mkdtemp(prefix="resnet-serve-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by every worker
+        from service.metrics import InferenceStatistics  # here: metrics made at import would not be multiprocess
+
+        self.statistics = Path(metrics_dir) / f"inference-statistics-{os.getpid()}.bin"
+        InferenceStatistics.create(self.statistics, self.settings.effective_workers)
         previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             # Fail early, with the supervisor's own message, when the port cannot be had at all.
             reuseport_socket(self.settings.host, self.settings.port).close()
-            for index in range(self.settings.workers):
+            for index in range(self.settings.effective_workers):
                 self.spawn(index)
             while not self.stopping:
                 if self.reload_requested:
@@ -97,8 +106,11 @@ class Supervisor:
     def on_signal(self, signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:
             self.reload_requested = True
-        else:
+        elif not self.stopping:
             self.stopping = True
+            # At once, not at the next turn of the loop: readiness turns 503 in every worker as the signal arrives.
+            # Once only: a second SIGTERM makes uvicorn abandon its graceful shutdown.
+            self.forward(signal.SIGTERM)
 
     def forward(self, sig: int) -> None:
         for proc in self.workers.values():
@@ -125,9 +137,8 @@ class Supervisor:
                 self.spawn(index)
 
     def drain(self) -> int:
-        """SIGTERM every worker (each turns not-ready and finishes what it accepted), then wait for them."""
+        """Wait for every worker, SIGTERMed by ``on_signal`` (each turns not-ready and finishes what it accepted)."""
         log.info("draining %d workers", len(self.workers))
-        self.forward(signal.SIGTERM)
         deadline = time.monotonic() + self.settings.drain_timeout_s + 5
         status = 0
         for proc in self.workers.values():

@@ -594,15 +594,31 @@ def test_sigterm_drains_grpc_call_in_flight(tmp_path):
 
 
 def listening_ports(pid: int) -> set[int]:
-    """TCP ports process ``pid`` listens on (Linux: its socket inodes, looked up in /proc/net/tcp{,6})."""
+    """TCP ports process ``pid`` or its children (a supervisor's workers) listen on (Linux: their socket inodes,
+    looked up in /proc/net/tcp{,6})."""
     import os
     from pathlib import Path
 
+    pids = {pid}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                pids.add(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
     inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = os.readlink(fd)
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
+    for p in pids:
+        try:
+            fds = list(Path(f"/proc/{p}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
     ports = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
@@ -613,7 +629,7 @@ def listening_ports(pid: int) -> set[int]:
 
 
 def test_grpc_port_zero_turns_the_door_off(tmp_path):
-    server = start_service({"RESNET_GRPC_PORT": "0"}, tmp_path / "server.log")
+    server = start_service({"RESNET_GRPC_PORT": "0", "RESNET_WORKERS": "1"}, tmp_path / "server.log")
     try:
         server.wait_ready()
         assert listening_ports(server.proc.pid) == {server.port}
@@ -634,13 +650,14 @@ def test_import_core_loads_no_grpc():
 
 
 def test_taken_grpc_port_fails_the_start_and_says_which(tmp_path):
+    """One worker: under the supervisor a worker that cannot bind is restarted (a taken port is then in its log)."""
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = start_service({"RESNET_GRPC_PORT": str(port)}, tmp_path / "server.log")
+        server = start_service({"RESNET_GRPC_PORT": str(port), "RESNET_WORKERS": "1"}, tmp_path / "server.log")
         try:
             assert server.proc.wait(60) != 0
         finally:

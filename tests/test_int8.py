@@ -20,15 +20,15 @@ from service.app import create_app
 from service.settings import Settings
 from tests.images import encode, one_per_class
 
-# A 4-epoch resnet8 at 8x8 (about 0.85 top-1) is far from converged, so its int8 copy is allowed 5 points;
-# the real recipe's figures are in docs/throughput.md#int8.
+# A 4-epoch resnet8 at 16x16 is far from converged, so its int8 copy is allowed 5 points (at 8x8 it lost 10 on one
+# machine); the real recipe's figures are in docs/throughput.md#int8.
 TINY_MAX_DROP = 0.05
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("int8")
-    train(TrainConfig(data="digits", arch="resnet8", image_size=8, epochs=4, batch_size=64, progress=False,
+    train(TrainConfig(data="digits", arch="resnet8", image_size=16, epochs=4, batch_size=64, progress=False,
                       out=str(tmp / "run")))
     checkpoint = tmp / "run" / "best.pt"
     export(checkpoint, tmp / "fp32.onnx")

@@ -182,6 +182,28 @@ def test_worker_killed_is_replaced_while_the_others_keep_serving(tmp_path):
     assert code == 0, server.log_tail()
 
 
+def test_statistics_sum_every_workers_requests(tmp_path):
+    """Triton's statistics answered by any worker count the images all of them ran (tests/test_v2_extensions.py
+    checks the figures themselves)."""
+    server = start_service({"RESNET_WORKERS": "2", "RESNET_INTRA_OP_THREADS": "1"}, tmp_path / "server.log")
+    png = encode(one_per_class()[5][0], "PNG")
+    try:
+        server.wait_ready()
+        assert wait_for(lambda: two_workers(server.proc.pid)), server.log_tail()
+        statuses = [predict_fresh(server.url, png).status_code for _ in range(20)]  # over both workers
+        assert statuses == [200] * 20, statuses
+        counts = []
+        for _ in range(10):  # each read on a fresh connection: either worker answers
+            with httpx.Client(timeout=30) as c:
+                r = c.get(server.url + "/v2/models/default/stats")
+            assert r.status_code == 200, r.text
+            counts.append(r.json()["model_stats"][0]["inference_count"])
+        assert set(counts) == {20}, counts
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_tail()
+
+
 def test_sighup_reloads_every_worker(tmp_path, default_model):
     from bench.zero_cost import zero_cost_model
 

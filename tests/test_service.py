@@ -442,6 +442,40 @@ def test_settings_refuse_unsafe_values(monkeypatch, env, message):
         Settings()
 
 
+@pytest.mark.parametrize(
+    ("files", "cores"),
+    [
+        pytest.param({"cpu.max": "max 100000\n"}, None, id="v2-unlimited"),
+        pytest.param({"cpu.max": "200000 100000\n"}, 2, id="v2-two-cpus"),
+        pytest.param({"cpu.max": "150000 100000\n"}, 2, id="v2-one-and-a-half-rounds-up"),
+        pytest.param({"cpu.max": "50000 100000\n"}, 1, id="v2-half-a-cpu-is-one"),
+        pytest.param({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3, id="v1-three"),
+        pytest.param({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None, id="v1-unlimited"),
+        pytest.param({}, None, id="no-cgroup"),
+    ],
+)
+def test_cpu_quota_read_from_the_cgroup(tmp_path, files, cores):
+    from service.settings import cpu_quota
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == cores
+
+
+def test_workers_and_decode_threads_default_to_the_usable_cores(monkeypatch):
+    from service import settings as settings_module
+
+    monkeypatch.setattr(settings_module, "usable_cores", lambda: 4)
+    default = Settings()
+    assert (default.effective_workers, default.effective_decode_threads) == (4, 1)
+    assert default.effective_intra_op_threads == 4
+    one = Settings(workers=1)
+    assert (one.effective_workers, one.effective_decode_threads) == (1, 4)
+    assert Settings(workers=3, decode_threads=2).effective_decode_threads == 2
+    assert default.ort_spinning is False
+
+
 def test_image_fixture_is_a_real_digit():
     img, label = one_per_class()[4]
     assert img.size == (32, 32) and label == 4 and np.asarray(img).max() > 128
