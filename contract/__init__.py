@@ -126,7 +126,8 @@ def fit_to_content(img: Image.Image, background: int | Sequence[int], margin: fl
     # In Pillow's C code rather than numpy (docs/throughput.md#fit-to-content): |pixel - background| per channel,
     # less the threshold (clipped at 0), is non-zero exactly where a channel is ink; getbbox spans every band.
     diff = img if not any(bg) else ImageChops.difference(img, constant(img.mode, img.size, fill))
-    ink = ImageChops.subtract(diff, constant(img.mode, img.size, (threshold,) * channels if channels > 1 else threshold))
+    limit = (threshold,) * channels if channels > 1 else threshold
+    ink = ImageChops.subtract(diff, constant(img.mode, img.size, limit))
     found = ink.getbbox()
     if found is None:
         return img
