@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -214,6 +215,25 @@ def median_alone(runs: list[dict]) -> dict:
 # --- servers and load ---------------------------------------------------------------------------
 
 
+def free_ports_below_ephemeral(n: int, start: int = 20000) -> int:
+    """The first of ``n`` consecutive ports that can be bound now, below the kernel's ephemeral range: after the
+    open-loop cells (a connection a request) thousands of ephemeral ports sit in TIME_WAIT, and a server that binds
+    one of them without SO_REUSEADDR (TorchServe's management port, port + 1) fails to start."""
+    for first in range(start, 32768 - n):
+        try:
+            sockets = [socket.socket() for _ in range(n)]
+            try:
+                for i, s in enumerate(sockets):
+                    s.bind(("127.0.0.1", first + i))
+                return first
+            finally:
+                for s in sockets:
+                    s.close()
+        except OSError:
+            continue
+    raise ServerFailed(f"no {n} consecutive free ports from {start}")
+
+
 class TorchServe:
     """TorchServe 0.12 with dynamic batching (``shared/peers/torchserve.sh``): a peer measured side by side."""
 
@@ -221,7 +241,7 @@ class TorchServe:
         self.script = PEERS_DIR / "torchserve.sh"
         if not self.script.exists():
             raise ServerFailed(f"no TorchServe peer script at {self.script}")
-        port = free_port()
+        port = free_ports_below_ephemeral(3)  # inference, management, metrics: port, port + 1, port + 2
         with open(log, "ab") as out:
             done = subprocess.run([str(self.script), "start", str(model), str(port)], stdout=subprocess.PIPE,
                                   stderr=out, text=True, timeout=900)
@@ -446,14 +466,18 @@ def plot(cells: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(cells)
-    fig, axes = plt.subplots(len(models) * 2, len(PAYLOADS), figsize=(4 * len(PAYLOADS), 6 * len(models)),
+    payloads = [p for p in PAYLOADS if any(p in by_payload for m in cells for by_payload in cells[m].values())]
+    fig, axes = plt.subplots(len(models) * 2, len(payloads), figsize=(4 * len(payloads), 6 * len(models)),
                              squeeze=False)
     styles = {"naive_app": ("tab:gray", ":"), "batching_off": ("tab:orange", "--"), "batching_on": ("tab:blue", "-")}
+    others = iter(["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"] * 4)
+    for server in sorted({s for m in cells for s in cells[m]} - set(styles)):  # a colour each, in every panel
+        styles[server] = (next(others), "-.")
     for i, model in enumerate(models):
-        for j, payload in enumerate(PAYLOADS):
+        for j, payload in enumerate(payloads):
             top, bottom = axes[2 * i][j], axes[2 * i + 1][j]
             for server in cells[model]:
-                colour, ls = styles.get(server, (None, "-."))
+                colour, ls = styles[server]
                 data = cells[model][server].get(payload)
                 if not data:
                     continue
