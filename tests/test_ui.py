@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -420,15 +421,26 @@ def test_page_usable_from_keyboard(page, tmp_path):
     from playwright.sync_api import expect
 
     path, label = digit_file(tmp_path, 6)
+    # Subscribing turns on the browser's file-chooser interception, asynchronously: done before the Tabs so that it
+    # is on when Space lands (CI once lost that race on a loaded machine).
+    choosers = []
+    page.on("filechooser", lambda chooser: choosers.append(chooser))
     for _ in range(10):
         page.keyboard.press("Tab")
         if page.evaluate("document.activeElement.id") == "file":
             break
     else:
         raise AssertionError("Tab never reached the file input")
-    with page.expect_file_chooser() as chooser:
+    for _ in range(3):
         page.keyboard.press("Space")
-    chooser.value.set_files(path)
+        deadline = time.monotonic() + 5
+        while not choosers and time.monotonic() < deadline:
+            page.wait_for_timeout(50)
+        if choosers:
+            break
+        assert page.evaluate("document.activeElement.id") == "file", "focus left the file input"
+    assert choosers, "Space on the focused file input never opened a file chooser"
+    choosers[0].set_files(path)
     expect(page.get_by_role("status")).to_contain_text(f"{path.name}: {label} (")
 
     page.get_by_label("Classes to show").fill("3")
