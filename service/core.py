@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +37,22 @@ from service.settings import Settings
 log = logging.getLogger("service")
 
 
+def lower_priority(steps: int) -> Callable[[], None]:
+    """A thread initializer: the thread runs ``steps`` nice levels below the process, and so do the threads it
+    starts (Linux threads inherit it), such as onnxruntime's pool, made with the session on the loading thread."""
+
+    def initializer() -> None:
+        if steps <= 0 or sys.platform != "linux":  # elsewhere PRIO_PROCESS takes a process, not a thread
+            return
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
+        except OSError as e:  # a sandbox may forbid it; the threads then share the loop's priority
+            log.warning("could not lower the priority of thread %s: %s", threading.current_thread().name, e)
+
+    return initializer
+
+
 @dataclass(frozen=True)
 class Pipeline:
     """A model and the preprocessing its file describes: swapped together, atomically."""
@@ -53,8 +72,11 @@ class ServiceState:
         self.status = "loading"
         self.reason: str | None = "model is loading"
         self.batcher: MicroBatcher | None = None
-        self.decode_pool = ThreadPoolExecutor(settings.effective_decode_threads, thread_name_prefix="decode")
-        self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
+        below_loop = lower_priority(settings.compute_nice)
+        self.decode_pool = ThreadPoolExecutor(settings.effective_decode_threads, "decode", below_loop)
+        self.infer_pool = ThreadPoolExecutor(1, "infer", below_loop)
+        # Reloads load beside the serving model (not on infer_pool, which keeps running batches), at its priority.
+        self.load_pool = ThreadPoolExecutor(1, "load", below_loop)
         self._reload_lock = asyncio.Lock()
 
     @property
@@ -109,7 +131,7 @@ class ServiceState:
         async with self._reload_lock:
             loop = asyncio.get_running_loop()
             try:
-                serving = await loop.run_in_executor(None, self._load_and_warm)
+                serving = await loop.run_in_executor(self.load_pool, self._load_and_warm)
             except Exception as e:  # noqa: BLE001 - whatever broke, the old model keeps serving
                 metrics.MODEL_LOADS.labels("failed").inc()
                 log.error("reload failed, still serving %s: %s", self._version(), e)

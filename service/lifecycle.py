@@ -125,5 +125,6 @@ def lifespan(settings: Settings, load_model: Callable[[Settings], Model], superv
             await batcher.stop()
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
             state.infer_pool.shutdown(wait=False, cancel_futures=True)
+            state.load_pool.shutdown(wait=False, cancel_futures=True)
 
     return run

@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     request_timeout_ms: float = Field(10_000, gt=0, description="per-request deadline (504 past it)")
     decode_threads: int = Field(0, ge=0, description="threads decoding images per worker (0 = its share of the "
                                 "usable cores)")
+    # Under overload the event loop must win the CPU: it accepts connections and answers the excess 429 at once,
+    # where at equal priority the excess waits in the kernel's accept queue (docs/bench/open-loop.md#priority).
+    compute_nice: int = Field(6, ge=0, le=19, description="nice steps below the event loop for the decoding and "
+                              "inference threads (Linux; 0 = the same priority)")
     # access
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,

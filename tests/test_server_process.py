@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from bench.harness import start_service
 from tests.images import encode, one_per_class
@@ -93,6 +95,35 @@ def test_sigterm_drains_accepted_requests_then_exits_zero(live_server):
     failures = [r for r in results if not isinstance(r, httpx.Response) or r.status_code != 200]
     assert not failures, failures
     assert all(r.json()["predictions"][0]["top_k"][0]["label"] == str(label) for r in results)
+
+
+def thread_nices(pid: int) -> dict[int, int]:
+    """Each thread of a process and its nice value (field 19 of /proc/PID/task/TID/stat)."""
+    nices = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            nices[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[16])
+        except OSError:
+            continue  # the thread ended
+    return nices
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread priorities are read from Linux's /proc")
+@pytest.mark.parametrize(("compute_nice", "lowered_at_least"), [("6", 3), ("0", 0)])
+def test_decoding_and_inference_threads_run_below_the_event_loop(live_server, compute_nice, lowered_at_least):
+    """The decode thread, the inference thread and onnxruntime's pool (made on the inference thread with the
+    session) run ``compute_nice`` steps below the event loop's thread; at 0 every thread shares its priority."""
+    server = live_server(RESNET_WORKERS="1", RESNET_INTRA_OP_THREADS="2", RESNET_COMPUTE_NICE=compute_nice)
+    noise = np.random.default_rng(0).integers(0, 256, (96, 96), dtype=np.uint8)
+    big = encode(Image.fromarray(noise), "PNG")  # over INLINE_BYTES (4 kB): decoded on the decode pool
+    assert len(big) > 4096
+    r = httpx.post(server.url + "/predict", content=big, headers={"content-type": "image/png"}, timeout=30)
+    assert r.status_code == 200, r.text
+    nices = thread_nices(server.proc.pid)
+    loop = nices.pop(server.proc.pid)  # the main thread runs the event loop
+    lowered = [n for n in nices.values() if n == loop + int(compute_nice)] if lowered_at_least else []
+    assert len(lowered) >= lowered_at_least, nices
+    assert all(n in (loop, loop + int(compute_nice)) for n in nices.values()), nices
 
 
 def test_workers_accept_connections_only_once_their_model_is_ready(tmp_path):
