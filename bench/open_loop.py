@@ -84,7 +84,11 @@ def summarise(rows: np.ndarray, sent: int, offered_req_s: float, elapsed_s: floa
     """
     status, ms = rows[:, 1], rows[:, 2] / 1000.0
     ok = (status >= 200) & (status < 300)
-    accepted = ms[ok]
+    accepted, refused = ms[ok], ms[status == 429]
+
+    def pct(x: np.ndarray, q: float) -> float:
+        return float(np.percentile(x, q)) if len(x) else float("nan")
+
     return {
         "offered_req_s": offered_req_s,
         "sent": sent,
@@ -94,8 +98,11 @@ def summarise(rows: np.ndarray, sent: int, offered_req_s: float, elapsed_s: floa
         "status_5xx": int(((status >= 500) & (status < 600)).sum()),
         "other_status": int(((status > 0) & ~ok & (status != 429) & ((status < 500) | (status >= 600))).sum()),
         "errors": int((status < 0).sum()) + max(0, sent - len(rows)),
-        "p50_ms": float(np.percentile(accepted, 50)) if len(accepted) else float("nan"),
-        "p99_ms": float(np.percentile(accepted, 99)) if len(accepted) else float("nan"),
+        "p50_ms": pct(accepted, 50),
+        "p99_ms": pct(accepted, 99),
+        # how quickly the excess learns it was refused: a 429 after seconds in a queue helps no client
+        "refused_p50_ms": pct(refused, 50),
+        "refused_p99_ms": pct(refused, 99),
         "elapsed_s": elapsed_s,
     }
 

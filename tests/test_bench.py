@@ -191,6 +191,7 @@ def test_summarise_counts_goodput_refusals_and_failures_from_the_log():
     assert x["goodput_req_s"] == 2.0, x
     # latency of the 2xx only: the quick 429s and the 30 s failure do not flatter or spoil it
     assert x["p50_ms"] == pytest.approx(2.5) and x["p99_ms"] == pytest.approx(3.97), x
+    assert x["refused_p50_ms"] == pytest.approx(0.16) and x["refused_p99_ms"] == pytest.approx(0.1698), x
 
 
 @pytest.mark.parametrize("line", [pytest.param("1700000000000000\t200", id="two-columns"),
@@ -211,7 +212,8 @@ def test_elapsed_seconds_reads_every_h2load_unit(out, seconds):
 def test_targets_judge_zero_cost_and_open_loop_when_measured():
     zero = {"batching_on": {"png32": {1: cell(1000.0, p50=0.5), 64: cell(4500.0)}},
             "naive_app": {"png32": {1: cell(1500.0, p50=0.6), 64: cell(1400.0)}}}
-    overload = {"goodput_req_s": 850.0, "capacity_req_s": 1000.0, "status_5xx": 3, "p99_ms": 250.0}
+    overload = {"goodput_req_s": 850.0, "capacity_req_s": 1000.0, "status_5xx": 3, "p99_ms": 250.0, "status_429": 900,
+                "refused_p99_ms": 400.0}
     open_cells = {"resnet20": {"batching_on": {"png32": {"2x": overload}}}}
     rows = {name: (round(value, 3), met) for name, value, _, met in targets({"zero": zero}, {}, open_cells)}
     assert rows == {
@@ -220,15 +222,18 @@ def test_targets_judge_zero_cost_and_open_loop_when_measured():
         "open loop 2x capacity, PNG goodput / capacity": (0.85, False),
         "open loop 2x capacity, 5xx": (3, False),
         "open loop 2x capacity, accepted p99 ms / deadline ms": (0.025, True),
+        "open loop 2x capacity, 429 p99 ms": (400.0, False),
     }, rows
 
 
 def test_markdown_shows_open_loop_row_with_goodput_share():
     x = {"offered_req_s": 2000.0, "capacity_req_s": 1000.0, "goodput_req_s": 930.0, "status_429": 1100, "status_5xx": 0,
-         "errors": 0, "p50_ms": 4.0, "p99_ms": 45.0, "client_cores": 0.05}
+         "errors": 0, "p50_ms": 4.0, "p99_ms": 45.0, "refused_p50_ms": 1.5, "refused_p99_ms": 30.0, "elapsed_s": 10.1,
+         "client_cores": 0.05}
     meta = {"date": "2026-12-02", "machine": "test", "repeats": 1, "seconds": 2}
     md = markdown({}, {}, [], meta, {"resnet20": {"batching_on": {"png32": {"2x": x}}}})
-    row = "| resnet20 | batching_on | png32 | 2x | 2000 | 1000 | 930 (0.93) | 1100 | 0 | 0 | 4.0/45.0 | 0.05 |"
+    row = ("| resnet20 | batching_on | png32 | 2x | 2000 | 1000 | 930 (0.93) | 1100 | 0 | 0 | 4.0/45.0 | 1.5/30.0 "
+           "| 10.1 | 0.05 |")
     assert row in md, md
 
 
