@@ -49,6 +49,9 @@ VARIANTS = {"batching_off": {"RESNET_MAX_BATCH_SIZE": "1"},
             "batching_on_nospin": {"RESNET_ORT_SPINNING": "false"},
             # Two processes, each with an onnxruntime pool of every core that sleeps instead of spinning when idle.
             "batching_on_w2_t2": {"RESNET_WORKERS": "2", "RESNET_DECODE_THREADS": "1", "RESNET_ORT_SPINNING": "false"},
+            # The event loop's priority over decoding and inference (RESNET_COMPUTE_NICE, 6 by default), under overload.
+            "batching_on_nice0": {"RESNET_COMPUTE_NICE": "0"},
+            "batching_on_nice3": {"RESNET_COMPUTE_NICE": "3"},
             # The access log's cost (on by default): the same server without it.
             "batching_on_noaccesslog": {"RESNET_ACCESS_LOG": "false"},
             # GPU hosts have the cores: 4 processes decode in parallel and share the one GPU.
