@@ -11,10 +11,12 @@ import sys
 from typing import IO
 
 import uvicorn
+from starlette.applications import Starlette
 
 from service import access_log
 from service.app import create_app
 from service.lifecycle import keep_clean_exit_after_drain
+from service.predict import early_refusal
 from service.server import capped_head
 from service.settings import Settings
 
@@ -29,17 +31,21 @@ def configure_logging(settings: Settings, stream: IO[str] | None = None) -> None
             atexit.register(access_log.BackgroundWriter().start().stop)
 
 
+def uvicorn_config(settings: Settings, app: Starlette) -> uvicorn.Config:
+    """How uvicorn serves ``app``: the capped request head and the early 429 (``service.server``), no access log
+    of its own."""
+    return uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        # uvicorn's own access log is off: service.access_log writes one, with the status and the duration.
+        timeout_graceful_shutdown=settings.drain_timeout_s, access_log=False,
+        http=capped_head(settings.max_header_bytes, early_refusal(app), settings.max_upload_bytes),
+    )
+
+
 def run_server(settings: Settings, sockets: list[socket.socket] | None = None, supervised: bool = False) -> None:
     """uvicorn serving ``create_app(settings)`` in this process, on ``sockets`` or on host:port."""
     keep_clean_exit_after_drain()
-    config = uvicorn.Config(
-        create_app(settings, supervised=supervised), host=settings.host, port=settings.port,
-        log_level=settings.log_level,
-        # uvicorn's own access log is off: service.access_log writes one, with the status and the duration.
-        timeout_graceful_shutdown=settings.drain_timeout_s, access_log=False,
-        http=capped_head(settings.max_header_bytes),
-    )
-    uvicorn.Server(config).run(sockets=sockets)
+    uvicorn.Server(uvicorn_config(settings, create_app(settings, supervised=supervised))).run(sockets=sockets)
 
 
 def main() -> None:

@@ -27,17 +27,21 @@ log = logging.getLogger("service.access")
 FORMAT = "%s %s %s %d %.1fms"
 
 
+def record(client: tuple[str, int] | None, method: str, path: str, status: int, seconds: float) -> None:
+    """One request's line (also for those the HTTP server answers itself, ``service.server``)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    args = (f"{client[0]}:{client[1]}" if client else "-", method, path, status, seconds * 1000)
+    writer = BackgroundWriter.running
+    if writer is None:
+        log.info(FORMAT, *args)
+    else:  # even the record is built by the writer: the loop only queues the line's values and the time
+        writer.records.put((time.time(), args))
+
+
 class AccessLog(AnsweredRequests):
     def answered(self, scope: Scope, status: int, seconds: float) -> None:
-        if not log.isEnabledFor(logging.INFO):
-            return
-        client = scope.get("client")
-        args = (f"{client[0]}:{client[1]}" if client else "-", scope["method"], scope["path"], status, seconds * 1000)
-        writer = BackgroundWriter.running
-        if writer is None:
-            log.info(FORMAT, *args)
-        else:  # even the record is built by the writer: the loop only queues the line's values and the time
-            writer.records.put((time.time(), args))
+        record(scope.get("client"), scope["method"], scope["path"], status, seconds)
 
 
 class Handoff(QueueHandler):

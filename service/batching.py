@@ -136,11 +136,18 @@ class MicroBatcher(Generic[M]):
         queued into timeouts; an empty queue always admits, however slow the model)."""
         if self._task is None:
             raise ModelNotReady()
-        if self.depth + n > self.max_queue or self.expected_wait_s() > self.max_wait_s:
-            # Retry-After: when today's queue should have drained (at least a second: HTTP's unit).
-            raise QueueFull(retry_after_s=max(1.0, self.expected_wait_s()))
+        if (refused := self.refusal(n)) is not None:
+            raise refused
         self._incoming += n
         return Reservation(self, n)
+
+    def refusal(self, n: int) -> QueueFull | None:
+        """The ``QueueFull`` that ``reserve(n)`` would raise now, else None (the HTTP server asks this before a
+        request's body has arrived, with n = 1: a request refused for one image is refused for any number)."""
+        if self.depth + n > self.max_queue or self.expected_wait_s() > self.max_wait_s:
+            # Retry-After: when today's queue should have drained (at least a second: HTTP's unit).
+            return QueueFull(retry_after_s=max(1.0, self.expected_wait_s()))
+        return None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")

@@ -12,8 +12,10 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Annotated
 
+import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -66,6 +68,18 @@ def headers_of(exc: errors.ServiceError) -> dict[str, str]:
     if isinstance(exc, errors.QueueFull):
         return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
     return {}
+
+
+def raw_error(exc: errors.ServiceError, key: str, keep_alive: bool) -> bytes:
+    """``exc`` as a whole HTTP/1.1 response in a door's shape (what ``error_response`` answers), for the HTTP
+    server to write itself (``service.server``)."""
+    status = status_of(exc)
+    body = orjson.dumps({key: exc.detail})
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json",
+            f"content-length: {len(body)}", *(f"{k.lower()}: {v}" for k, v in headers_of(exc).items())]
+    if not keep_alive:
+        head.append("connection: close")
+    return "\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + body
 
 
 def error_response(method: str, path: str, exc: Exception, key: str, validation_status: int) -> Response:

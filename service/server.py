@@ -1,12 +1,18 @@
-"""The HTTP server's part of the limits: uvicorn's httptools protocol with the request head (request line and
-headers) capped, answered 431 (RFC 6585 section 5). httptools itself buffers a head of any size, and the
-body, time and pixel limits only start once the head is in."""
+"""The HTTP server's part of the limits and of admission: uvicorn's httptools protocol with the request head
+(request line and headers) capped, answered 431 (RFC 6585 section 5), and requests that admission refuses at
+once answered as soon as their head is in. httptools itself buffers a head of any size, and the body, time and
+pixel limits only start once the head is in."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+# (method, path, Authorization header, client, keep-alive) -> the whole response to write, or None to serve it
+Refuse = Callable[[str, str, str | None, tuple[str, int] | None, bool], bytes | None]
 
 
 class HeadTooLarge(Exception):
@@ -21,10 +27,13 @@ class CappedHead(HttpToolsProtocol):
     """
 
     max_head_bytes = 16 * 1024
+    max_body_bytes = 10 * 1024 * 1024  # a larger declared body is left to the app, which answers it 413
+    refuse: Refuse | None = None
 
     def connection_made(self, transport) -> None:  # noqa: ANN001 - asyncio's Transport
         super().connection_made(transport)
         self.head_open, self.head_fed, self.head_parsed, self.head_too_large = True, 0, 0, False
+        self.refused = False  # the request being read was answered already: its body is read and dropped
 
     def data_received(self, data: bytes) -> None:
         if self.head_open:
@@ -50,10 +59,47 @@ class CappedHead(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.head_open = False
+        if self.refuse is not None and self.refused_at_once():
+            return
         super().on_headers_complete()
 
+    def refused_at_once(self) -> bool:
+        """Under overload most requests are refused: answered here, one costs no request task, ASGI call chain or
+        body read. Not while an earlier request on the connection is unanswered (answers keep their order), nor
+        for a client waiting for 100-continue before it sends the body this answer would wait for."""
+        if self.expect_100_continue or (self.cycle is not None and not self.cycle.response_complete):
+            return False
+        declared = next((v for k, v in self.headers if k == b"content-length"), None)
+        if declared is None or not declared.isdigit() or int(declared) > self.max_body_bytes:
+            return False  # chunked, malformed or too large: the app's limits and answers apply
+        path = httptools.parse_url(self.url).path.decode("latin-1")
+        authorization = next((v.decode("latin-1") for k, v in self.headers if k == b"authorization"), None)
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        answer = self.refuse(self.parser.get_method().decode("ascii"), path, authorization, self.client, keep_alive)
+        if answer is None:
+            return False
+        # Written now, the body is still read to its end (and dropped): closing with unread bytes would reset the
+        # connection, and the client could lose the answer.
+        self.transport.write(answer)
+        self.refused, self.refused_keep_alive = True, keep_alive
+        # A client that has its answer gets no longer for the rest of its body than an idle kept-alive connection.
+        self.refused_timer = self.loop.call_later(self.timeout_keep_alive, self.transport.close)
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        if not self.refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        if self.refused:
+            self.refused = False
+            self.refused_timer.cancel()
+            if not self.refused_keep_alive:
+                self.transport.close()
+            else:
+                self.on_response_complete()  # as after any answer: the keep-alive timer, reads resumed
+        else:
+            super().on_message_complete()
         self.head_open, self.head_fed, self.head_parsed = True, 0, 0
 
     def send_400_response(self, msg: str) -> None:
@@ -68,6 +114,8 @@ class CappedHead(HttpToolsProtocol):
         self.transport.close()
 
 
-def capped_head(max_head_bytes: int) -> type[CappedHead]:
-    """The protocol class uvicorn instantiates per connection, with the configured limit."""
-    return type("CappedHead", (CappedHead,), {"max_head_bytes": max_head_bytes})
+def capped_head(max_head_bytes: int, refuse: Refuse | None = None,
+                max_body_bytes: int = CappedHead.max_body_bytes) -> type[CappedHead]:
+    """The protocol class uvicorn instantiates per connection, with the configured limits and admission check."""
+    return type("CappedHead", (CappedHead,), {"max_head_bytes": max_head_bytes, "max_body_bytes": max_body_bytes,
+                                              "refuse": staticmethod(refuse)})

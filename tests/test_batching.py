@@ -327,3 +327,183 @@ def test_drain_rate_counts_only_the_recent_window():
     assert rate.per_second() == pytest.approx(200.0)
     rate.add(5, 0.1, at=103.5)  # the first two fell out of the window
     assert rate.per_second() == pytest.approx(50.0)
+
+
+# --- refusals answered by the HTTP server itself, from the request's head -----------------------------------
+
+
+class GatedModel(Model):
+    """Holds each batch until ``gate`` is set, once ``gated`` is on (after warm-up)."""
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        if getattr(self, "gated", False):
+            assert self.gate.wait(30), "the test never opened the gate"
+        return super().run(x)
+
+
+@pytest.fixture
+def unused_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def full_queue(default_model, unused_port):
+    """``full_queue(**settings)``: a real uvicorn server in this process (as ``python -m service`` configures it)
+    whose queue of one image is full: one request is held in inference, one waits behind it. Returns its port and
+    a function that releases them."""
+    import threading
+
+    import uvicorn
+
+    from service.__main__ import uvicorn_config
+
+    started = []
+
+    def start(**overrides) -> tuple[int, object]:
+        settings = Settings(model_path=default_model, port=unused_port, grpc_port=0, max_batch_size=1, max_queue=1,
+                            max_batch_images=1, max_batch_delay_ms=0, request_timeout_ms=60_000, **overrides)
+        app = create_app(settings, load_model=loading_as(GatedModel))
+        server = uvicorn.Server(uvicorn_config(settings, app))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{unused_port}"
+        wait_ready(url, timeout=60)
+        model = app.state.service.serving.model
+        model.gate, model.gated = threading.Event(), True
+        headers = {"content-type": "image/png", **({"authorization": f"Bearer {KEY}"} if settings.api_keys else {})}
+        pool = ThreadPoolExecutor(2)
+        held = [pool.submit(httpx.post, url + "/predict", content=PNG, headers=headers, timeout=60)
+                for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while app.state.service.batcher.depth < 1 and time.monotonic() < deadline:  # the second one queued
+            time.sleep(0.01)
+        assert app.state.service.batcher.depth == 1, "the queue never filled"
+        started.append((server, thread, model, held, pool))
+
+        def release() -> None:
+            """Opens the gate; the two held requests are answered."""
+            model.gate.set()
+            assert [f.result().status_code for f in held] == [200, 200], [f.result().text for f in held]
+
+        return unused_port, release
+
+    yield start
+    for server, thread, model, held, pool in started:
+        model.gate.set()
+        assert [f.result().status_code for f in held] == [200, 200], [f.result().text for f in held]
+        server.should_exit = True
+        thread.join(30)
+        pool.shutdown()
+
+
+KEY = "k" * 20
+PNG = encode(one_per_class()[1][0], "PNG")
+
+
+def head(extra: str = "", length: int = len(PNG)) -> bytes:
+    return (f"POST /predict HTTP/1.1\r\nhost: t\r\ncontent-type: image/png\r\ncontent-length: {length}\r\n"
+            f"{extra}\r\n").encode()
+
+
+def read_response(sock) -> bytes:
+    """One whole response (head and a body of its content-length) from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before a response head: {data!r}"
+        data += chunk
+    head_part, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head_part.split(b"\r\n") if line.lower().startswith(
+        b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return data
+
+
+def test_full_queue_refuses_at_once_before_the_body_arrives(full_queue):
+    """The 429 comes back once the head is in, before any body byte is sent; the body is then read and dropped,
+    and the kept-alive connection serves the next request."""
+    import socket
+
+    port, release = full_queue()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head())
+        answer = read_response(sock)
+        assert answer.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), answer
+        assert b"\r\nretry-after: 1\r\n" in answer and b"connection: close" not in answer, answer
+        assert answer.endswith(b'{"detail":"server busy: inference queue is full"}'), answer
+        sock.sendall(PNG)  # the refused request's body: dropped
+        release()  # the queue drains
+        sock.sendall(head() + PNG)
+        again = read_response(sock)
+    assert again.startswith(b"HTTP/1.1 200 OK\r\n"), again
+
+
+def test_early_refusal_with_connection_close_closes_after_the_body(full_queue):
+    import socket
+
+    port, _ = full_queue()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head("connection: close\r\n"))
+        answer = read_response(sock)
+        assert answer.startswith(b"HTTP/1.1 429 ") and b"\r\nconnection: close\r\n" in answer, answer
+        sock.sendall(PNG)
+        assert sock.recv(65536) == b"", "the server must close once the refused body has arrived"
+
+
+@pytest.mark.parametrize(("authorization", "status"), [
+    pytest.param(f"Bearer {KEY}", 429, id="valid-key-refused-early"),
+    pytest.param("Bearer wrong-key-wrong-key", 401, id="wrong-key-left-to-the-endpoint"),
+    pytest.param(None, 401, id="no-key-left-to-the-endpoint"),
+])
+def test_early_refusal_never_answers_before_authentication(full_queue, authorization, status):
+    port, _ = full_queue(api_keys=[KEY])
+    headers = {"content-type": "image/png", **({"authorization": authorization} if authorization else {})}
+    r = httpx.post(f"http://127.0.0.1:{port}/predict", content=PNG, headers=headers, timeout=30)
+    assert r.status_code == status, r.text
+
+
+def test_early_refusals_counted_in_metrics(full_queue):
+    port, _ = full_queue()
+    url = f"http://127.0.0.1:{port}"
+    counted = 'resnet_serve_http_requests_total{method="POST",route="/predict",status="429"}'
+
+    def refusals() -> float:
+        text = httpx.get(url + "/metrics", timeout=30).text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(counted))
+
+    before = refusals()
+    statuses = [httpx.post(url + "/predict", content=PNG, headers={"content-type": "image/png"}, timeout=30)
+                .status_code for _ in range(3)]
+    assert statuses == [429] * 3, statuses
+    assert refusals() - before == 3
+
+
+@pytest.mark.parametrize(("extra", "first_line"), [
+    pytest.param("", b"HTTP/1.1 429 Too Many Requests", id="refused-early"),
+    pytest.param("expect: 100-continue\r\n", b"HTTP/1.1 100 Continue", id="expect-100-left-to-the-app"),
+])
+def test_early_refusal_answers_from_the_head_only_where_the_app_would_not_wait(full_queue, extra, first_line):
+    """With only the head sent: refused at once, unless the client waits for 100-continue (the app's first
+    read sends it)."""
+    import socket
+
+    port, _ = full_queue()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head(extra))
+        answer = sock.recv(65536)
+    assert answer.startswith(first_line + b"\r\n"), answer
+
+
+def test_declared_body_over_the_limit_refused_413_not_429(full_queue):
+    import socket
+
+    port, _ = full_queue(max_upload_bytes=len(PNG))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head(length=len(PNG) + 1))  # declared over the limit: the app's check answers
+        answer = read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
