@@ -70,15 +70,14 @@ def headers_of(exc: errors.ServiceError) -> dict[str, str]:
     return {}
 
 
-def raw_error(exc: errors.ServiceError, key: str, keep_alive: bool) -> bytes:
+def raw_error(exc: errors.ServiceError, key: str) -> bytes:
     """``exc`` as a whole HTTP/1.1 response in a door's shape (what ``error_response`` answers), for the HTTP
-    server to write itself (``service.server``)."""
+    server to write itself before it closes the connection (``service.server``)."""
     status = status_of(exc)
     body = orjson.dumps({key: exc.detail})
     head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json",
-            f"content-length: {len(body)}", *(f"{k.lower()}: {v}" for k, v in headers_of(exc).items())]
-    if not keep_alive:
-        head.append("connection: close")
+            f"content-length: {len(body)}", *(f"{k.lower()}: {v}" for k, v in headers_of(exc).items()),
+            "connection: close"]
     return "\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + body
 
 

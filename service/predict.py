@@ -127,15 +127,14 @@ async def handle(state: ServiceState, scope: Scope, receive: Receive) -> tuple[b
     return prediction(classification, top_k, started)
 
 
-def early_refusal(app: Starlette) -> Callable[[str, str, str | None, tuple[str, int] | None, bool], bytes | None]:
+def early_refusal(app: Starlette) -> Callable[[str, str, str | None, tuple[str, int] | None], bytes | None]:
     """For the HTTP server (``service.server``): the whole 429 answer to a ``POST /predict`` that admission refuses
     right now, decided from the request's head, else None (the endpoint serves it). Counted and logged as the
     endpoint would; a request the endpoint would answer otherwise (401, 503 while loading or draining) is left
     to it."""
     refused, latency = metrics.REQUESTS.labels(PATH, "POST", "429"), metrics.REQUEST_LATENCY.labels(PATH)
 
-    def refuse(method: str, path: str, authorization: str | None, client: tuple[str, int] | None,
-               keep_alive: bool) -> bytes | None:
+    def refuse(method: str, path: str, authorization: str | None, client: tuple[str, int] | None) -> bytes | None:
         if method != "POST" or path != PATH:
             return None
         start = time.perf_counter()
@@ -149,7 +148,7 @@ def early_refusal(app: Starlette) -> Callable[[str, str, str | None, tuple[str, 
         exc = state.batcher.refusal(1)
         if exc is None:
             return None
-        answer = raw_error(exc, "detail", keep_alive)
+        answer = raw_error(exc, "detail")
         seconds = time.perf_counter() - start
         refused.inc()
         latency.observe(seconds)

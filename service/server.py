@@ -11,8 +11,8 @@ from collections.abc import Callable
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-# (method, path, Authorization header, client, keep-alive) -> the whole response to write, or None to serve it
-Refuse = Callable[[str, str, str | None, tuple[str, int] | None, bool], bytes | None]
+# (method, path, Authorization header, client) -> the whole response to write, closing the connection, or None
+Refuse = Callable[[str, str, str | None, tuple[str, int] | None], bytes | None]
 
 
 class HeadTooLarge(Exception):
@@ -66,7 +66,7 @@ class CappedHead(HttpToolsProtocol):
     def refused_at_once(self) -> bool:
         """Under overload most requests are refused: answered here, one costs no request task, ASGI call chain or
         body read. Not while an earlier request on the connection is unanswered (answers keep their order), nor
-        for a client waiting for 100-continue before it sends the body this answer would wait for."""
+        for a client waiting for 100-continue before it sends the body the close waits for."""
         if self.expect_100_continue or (self.cycle is not None and not self.cycle.response_complete):
             return False
         declared = next((v for k, v in self.headers if k == b"content-length"), None)
@@ -74,14 +74,14 @@ class CappedHead(HttpToolsProtocol):
             return False  # chunked, malformed or too large: the app's limits and answers apply
         path = httptools.parse_url(self.url).path.decode("latin-1")
         authorization = next((v.decode("latin-1") for k, v in self.headers if k == b"authorization"), None)
-        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-        answer = self.refuse(self.parser.get_method().decode("ascii"), path, authorization, self.client, keep_alive)
+        answer = self.refuse(self.parser.get_method().decode("ascii"), path, authorization, self.client)
         if answer is None:
             return False
-        # Written now, the body is still read to its end (and dropped): closing with unread bytes would reset the
-        # connection, and the client could lose the answer.
+        # Written now, the connection is closed once the body has been read (and dropped): closing with unread bytes
+        # would reset it, and the client could lose the answer. Closed, not kept alive: a client that retries at
+        # once comes back on a new connection, which the kernel may hand to a less busy worker.
         self.transport.write(answer)
-        self.refused, self.refused_keep_alive = True, keep_alive
+        self.refused = True
         # A client that has its answer gets no longer for the rest of its body than an idle kept-alive connection.
         self.refused_timer = self.loop.call_later(self.timeout_keep_alive, self.transport.close)
         return True
@@ -94,10 +94,7 @@ class CappedHead(HttpToolsProtocol):
         if self.refused:
             self.refused = False
             self.refused_timer.cancel()
-            if not self.refused_keep_alive:
-                self.transport.close()
-            else:
-                self.on_response_complete()  # as after any answer: the keep-alive timer, reads resumed
+            self.transport.close()
         else:
             super().on_message_complete()
         self.head_open, self.head_fed, self.head_parsed = True, 0, 0
