@@ -26,6 +26,26 @@ def test_parse_ms_reads_every_wrk_unit(text, ms):
     assert parse_ms(text) == pytest.approx(ms)
 
 
+def test_parse_wrk_counts_only_2xx_as_served():
+    from bench.run import parse_wrk
+
+    out = """Running 3s test @ http://127.0.0.1:8000/predict
+  1 threads and 32 connections
+  Latency Distribution
+     50%   27.00ms
+     90%   40.00ms
+     99%   47.00ms
+  4000 requests in 3.00s, 3.10MB read
+  Non-2xx or 3xx responses: 1000
+Requests/sec:   1333.33
+Transfer/sec:      1.03MB
+"""
+    x = parse_wrk(out)
+    assert (x["requests"], x["non_2xx"], x["all_req_s"]) == (4000, 1000, 1333.33), x
+    assert x["req_s"] == pytest.approx(1000.0, rel=1e-4), x
+    assert (x["p50_ms"], x["p99_ms"]) == (27.0, 47.0), x
+
+
 @pytest.mark.parametrize("text", ["", "3ms5", "12h", "fast"])
 def test_parse_ms_refuses_what_wrk_never_prints(text):
     with pytest.raises(ValueError, match="unparsable"):
