@@ -13,10 +13,10 @@ from typing import IO
 import uvicorn
 from starlette.applications import Starlette
 
-from service import access_log
+from service import access_log, predict, v2
 from service.app import create_app
+from service.http import early_refusal
 from service.lifecycle import keep_clean_exit_after_drain
-from service.predict import early_refusal
 from service.server import capped_head
 from service.settings import Settings
 
@@ -38,7 +38,8 @@ def uvicorn_config(settings: Settings, app: Starlette) -> uvicorn.Config:
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         # uvicorn's own access log is off: service.access_log writes one, with the status and the duration.
         timeout_graceful_shutdown=settings.drain_timeout_s, access_log=False,
-        http=capped_head(settings.max_header_bytes, early_refusal(app), settings.max_upload_bytes),
+        http=capped_head(settings.max_header_bytes, early_refusal(app, [predict.refusable, v2.refusable]),
+                         settings.max_upload_bytes),
     )
 
 

@@ -81,6 +81,53 @@ def raw_error(exc: errors.ServiceError, key: str) -> bytes:
     return "\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + body
 
 
+# (path, state) -> (the door's error key, the route template its metrics use), for a POST the door would run
+# inference for; None for any other path
+Refusable = Callable[[str, ServiceState], tuple[str, str] | None]
+
+
+def early_refusal(app: FastAPI, doors: list[Refusable]) -> Callable[[str, str, str | None, tuple[str, int] | None],
+                                                                     bytes | None]:
+    """For the HTTP server (``service.server``): the whole 429 answer to an inference POST that admission refuses
+    right now, decided from the request's head, else None (the route serves it). Counted and logged as the route
+    would be; a request the route would answer otherwise (401, 404, 503 while loading or draining) is left to it."""
+    from service import access_log  # it builds on this module's middleware
+
+    counted: dict[str, tuple] = {}
+
+    def refuse(method: str, path: str, authorization: str | None, client: tuple[str, int] | None) -> bytes | None:
+        if method != "POST":
+            return None
+        start = time.perf_counter()
+        state: ServiceState | None = getattr(app.state, "service", None)
+        if state is None or not state.ready or state.batcher is None:
+            return None
+        door = next((d for d in (refusable(path, state) for refusable in doors) if d is not None), None)
+        if door is None:
+            return None
+        try:
+            check_key(state.settings.api_keys, authorization)
+        except errors.Unauthorized:
+            return None
+        exc = state.batcher.refusal(1)
+        if exc is None:
+            return None
+        key, template = door
+        answer = raw_error(exc, key)
+        seconds = time.perf_counter() - start
+        if template not in counted:
+            counted[template] = (metrics.REQUESTS.labels(template, "POST", "429"),
+                                 metrics.REQUEST_LATENCY.labels(template))
+        requests, latency = counted[template]
+        requests.inc()
+        latency.observe(seconds)
+        if state.settings.access_log:
+            access_log.record(client, method, path, 429, seconds)
+        return answer
+
+    return refuse
+
+
 def error_response(method: str, path: str, exc: Exception, key: str, validation_status: int) -> Response:
     """Any failure of a request as the door's error body ``{key: message}``; 5xx but 503/504 carry an
     ``error_id`` that is also in the log, beside the cause."""

@@ -9,23 +9,22 @@ OpenAPI and answers the same way where this endpoint is not in front.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Annotated
 from urllib.parse import parse_qsl
 
 import numpy as np
 import orjson
 from pydantic import Field, TypeAdapter, ValidationError
-from starlette.applications import Starlette
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import Receive, Scope, Send
 
-from service import access_log, metrics
+from service import metrics
 from service.auth import check_key
 from service.core import Classification, ServiceState, classify_images
-from service.errors import EmptyBody, InvalidMultipart, NoImages, TooManyImages, Unauthorized, UnsupportedMediaType
-from service.http import disconnected, error_response, raw_error, read_body
+from service.errors import EmptyBody, InvalidMultipart, NoImages, TooManyImages, UnsupportedMediaType
+from service.http import disconnected, error_response, read_body
 from service.runtime import softmax
 from service.settings import Settings
 
@@ -127,36 +126,10 @@ async def handle(state: ServiceState, scope: Scope, receive: Receive) -> tuple[b
     return prediction(classification, top_k, started)
 
 
-def early_refusal(app: Starlette) -> Callable[[str, str, str | None, tuple[str, int] | None], bytes | None]:
-    """For the HTTP server (``service.server``): the whole 429 answer to a ``POST /predict`` that admission refuses
-    right now, decided from the request's head, else None (the endpoint serves it). Counted and logged as the
-    endpoint would; a request the endpoint would answer otherwise (401, 503 while loading or draining) is left
-    to it."""
-    refused, latency = metrics.REQUESTS.labels(PATH, "POST", "429"), metrics.REQUEST_LATENCY.labels(PATH)
-
-    def refuse(method: str, path: str, authorization: str | None, client: tuple[str, int] | None) -> bytes | None:
-        if method != "POST" or path != PATH:
-            return None
-        start = time.perf_counter()
-        state: ServiceState | None = getattr(app.state, "service", None)
-        if state is None or not state.ready or state.batcher is None:
-            return None
-        try:
-            check_key(state.settings.api_keys, authorization)
-        except Unauthorized:
-            return None
-        exc = state.batcher.refusal(1)
-        if exc is None:
-            return None
-        answer = raw_error(exc, "detail")
-        seconds = time.perf_counter() - start
-        refused.inc()
-        latency.observe(seconds)
-        if state.settings.access_log:
-            access_log.record(client, method, path, 429, seconds)
-        return answer
-
-    return refuse
+def refusable(path: str, state: ServiceState) -> tuple[str, str] | None:
+    """For ``service.http.early_refusal``: (error key, route template) when a POST to ``path`` is this door's
+    inference, which admission may refuse from the request's head."""
+    return ("detail", PATH) if path == PATH else None
 
 
 class PredictEndpoint:

@@ -24,7 +24,7 @@ from pydantic import StrictBool
 from starlette.routing import Match
 
 from service import metrics
-from service.core import Pipeline, classify_images, classify_tensors
+from service.core import Pipeline, ServiceState, classify_images, classify_tensors
 from service.errors import UnknownModel
 from service.http import Authorized, State, disconnected, door_route, read_body
 from service.protocol import (
@@ -146,6 +146,22 @@ async def model_statistics(serving: Served) -> dict:
     """Triton's statistics since start: inference and execution counts, success/fail, queue and compute time,
     per batch size."""
     return model_statistics_of(serving.model.spec, metrics.STATISTICS)
+
+
+def refusable(path: str, state: ServiceState) -> tuple[str, str] | None:
+    """For ``service.http.early_refusal``: (error key, route template) when a POST to ``path`` is inference on
+    the served model (any other name or version is left to the routes, which answer 404)."""
+    parts = path.split("/")  # "", "v2", "models", name, ["versions", version,] "infer"
+    if len(parts) not in (5, 7) or parts[:3] != ["", "v2", "models"] or parts[-1] != "infer" or state.serving is None:
+        return None
+    spec = state.serving.model.spec
+    if parts[3] != spec.name:
+        return None
+    if len(parts) == 5:
+        return "error", "/v2/models/{name}/infer"
+    if parts[4] == "versions" and parts[5] == spec.version:
+        return "error", "/v2/models/{name}/versions/{version}/infer"
+    return None
 
 
 @router.post("/models/{name}/infer", response_model=InferenceResponse, openapi_extra=INFER_BODY)

@@ -497,3 +497,28 @@ def test_declared_body_over_the_limit_refused_413_not_429(full_queue):
         sock.sendall(head(length=len(PNG) + 1))  # declared over the limit: the app's check answers
         answer = read_response(sock)
     assert answer.startswith(b"HTTP/1.1 413 "), answer
+
+
+@pytest.mark.parametrize(("path", "status", "error"), [
+    pytest.param("/v2/models/default/infer", 429, "server busy: inference queue is full", id="v2-infer"),
+    pytest.param("/v2/models/default/versions/{version}/infer", 429, "server busy: inference queue is full",
+                 id="v2-versioned-infer"),
+    pytest.param("/v2/models/other/infer", 404, "unknown model 'other'", id="unknown-model-left-to-the-route"),
+    pytest.param("/v2/models/default/versions/0/infer", 404, "unknown version '0' of model 'default'",
+                 id="unknown-version-left-to-the-route"),
+])
+def test_full_queue_refuses_v2_inference_from_its_head(full_queue, path, status, error):
+    """The Open Inference Protocol's infer routes are refused like /predict, in that protocol's error shape; a
+    name or version that is not served is the route's 404 (answered before the body too: nothing reads it)."""
+    import json
+    import socket
+
+    port, _ = full_queue()
+    version = httpx.get(f"http://127.0.0.1:{port}/v2/models/default", timeout=30).json()["versions"][0]
+    target = path.format(version=version)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"POST {target} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+                     f"content-length: 500\r\n\r\n".encode())
+        answer = read_response(sock)
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {"error": error}, answer
