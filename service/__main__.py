@@ -38,8 +38,7 @@ def uvicorn_config(settings: Settings, app: Starlette) -> uvicorn.Config:
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         # uvicorn's own access log is off: service.access_log writes one, with the status and the duration.
         timeout_graceful_shutdown=settings.drain_timeout_s, access_log=False,
-        http=capped_head(settings.max_header_bytes, early_refusal(app, [predict.refusable, v2.refusable]),
-                         settings.max_upload_bytes),
+        http=capped_head(settings.max_header_bytes, early_refusal(app, [predict.refusable, v2.refusable])),
     )
 
 

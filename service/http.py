@@ -15,6 +15,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Annotated
 
+import httptools
 import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,31 +87,39 @@ def raw_error(exc: errors.ServiceError, key: str) -> bytes:
 Refusable = Callable[[str, ServiceState], tuple[str, str] | None]
 
 
-def early_refusal(app: FastAPI, doors: list[Refusable]) -> Callable[[str, str, str | None, tuple[str, int] | None],
-                                                                     bytes | None]:
+def early_refusal(app: FastAPI, doors: list[Refusable]) -> Callable[
+        [bytes, bytes, list[tuple[bytes, bytes]], tuple[str, int] | None], bytes | None]:
     """For the HTTP server (``service.server``): the whole 429 answer to an inference POST that admission refuses
     right now, decided from the request's head, else None (the route serves it). Counted and logged as the route
-    would be; a request the route would answer otherwise (401, 404, 503 while loading or draining) is left to it."""
+    would be; a request the route would answer otherwise (401, 404, 413, 503 while loading or draining, a chunked
+    body) is left to it."""
     from service import access_log  # it builds on this module's middleware
 
     counted: dict[str, tuple] = {}
 
-    def refuse(method: str, path: str, authorization: str | None, client: tuple[str, int] | None) -> bytes | None:
-        if method != "POST":
+    def refuse(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
+               client: tuple[str, int] | None) -> bytes | None:
+        if method != b"POST":
             return None
         start = time.perf_counter()
         state: ServiceState | None = getattr(app.state, "service", None)
         if state is None or not state.ready or state.batcher is None:
             return None
+        exc = state.batcher.refusal(1)
+        if exc is None:  # admitted: what most requests learn here, so it is asked first
+            return None
+        path = httptools.parse_url(target).path.decode("latin-1")
         door = next((d for d in (refusable(path, state) for refusable in doors) if d is not None), None)
         if door is None:
             return None
-        try:
-            check_key(state.settings.api_keys, authorization)
-        except errors.Unauthorized:
+        found = {k: v for k, v in headers if k in (b"content-length", b"authorization")}
+        declared = found.get(b"content-length")
+        if declared is None or not declared.isdigit() or int(declared) > state.settings.max_upload_bytes:
             return None
-        exc = state.batcher.refusal(1)
-        if exc is None:
+        authorization = found.get(b"authorization")
+        try:
+            check_key(state.settings.api_keys, authorization.decode("latin-1") if authorization else None)
+        except errors.Unauthorized:
             return None
         key, template = door
         answer = raw_error(exc, key)
@@ -122,7 +131,7 @@ def early_refusal(app: FastAPI, doors: list[Refusable]) -> Callable[[str, str, s
         requests.inc()
         latency.observe(seconds)
         if state.settings.access_log:
-            access_log.record(client, method, path, 429, seconds)
+            access_log.record(client, "POST", path, 429, seconds)
         return answer
 
     return refuse

@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-# (method, path, Authorization header, client) -> the whole response to write, closing the connection, or None
-Refuse = Callable[[str, str, str | None, tuple[str, int] | None], bytes | None]
+# (method, request target, headers as uvicorn keeps them, client) -> the whole response to write, closing the
+# connection, or None to serve the request
+Refuse = Callable[[bytes, bytes, list[tuple[bytes, bytes]], tuple[str, int] | None], bytes | None]
 
 
 class HeadTooLarge(Exception):
@@ -27,7 +27,6 @@ class CappedHead(HttpToolsProtocol):
     """
 
     max_head_bytes = 16 * 1024
-    max_body_bytes = 10 * 1024 * 1024  # a larger declared body is left to the app, which answers it 413
     refuse: Refuse | None = None
 
     def connection_made(self, transport) -> None:  # noqa: ANN001 - asyncio's Transport
@@ -69,12 +68,7 @@ class CappedHead(HttpToolsProtocol):
         for a client waiting for 100-continue before it sends the body the close waits for."""
         if self.expect_100_continue or (self.cycle is not None and not self.cycle.response_complete):
             return False
-        declared = next((v for k, v in self.headers if k == b"content-length"), None)
-        if declared is None or not declared.isdigit() or int(declared) > self.max_body_bytes:
-            return False  # chunked, malformed or too large: the app's limits and answers apply
-        path = httptools.parse_url(self.url).path.decode("latin-1")
-        authorization = next((v.decode("latin-1") for k, v in self.headers if k == b"authorization"), None)
-        answer = self.refuse(self.parser.get_method().decode("ascii"), path, authorization, self.client)
+        answer = self.refuse(self.parser.get_method(), self.url, self.headers, self.client)
         if answer is None:
             return False
         # Written now, the connection is closed once the body has been read (and dropped): closing with unread bytes
@@ -111,8 +105,6 @@ class CappedHead(HttpToolsProtocol):
         self.transport.close()
 
 
-def capped_head(max_head_bytes: int, refuse: Refuse | None = None,
-                max_body_bytes: int = CappedHead.max_body_bytes) -> type[CappedHead]:
-    """The protocol class uvicorn instantiates per connection, with the configured limits and admission check."""
-    return type("CappedHead", (CappedHead,), {"max_head_bytes": max_head_bytes, "max_body_bytes": max_body_bytes,
-                                              "refuse": staticmethod(refuse)})
+def capped_head(max_head_bytes: int, refuse: Refuse | None = None) -> type[CappedHead]:
+    """The protocol class uvicorn instantiates per connection, with the configured limit and admission check."""
+    return type("CappedHead", (CappedHead,), {"max_head_bytes": max_head_bytes, "refuse": staticmethod(refuse)})
