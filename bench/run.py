@@ -47,6 +47,8 @@ PEERS_DIR = ROOT.parent / "shared" / "peers"  # TorchServe, set up as its docs r
 VARIANTS = {"batching_off": {"RESNET_MAX_BATCH_SIZE": "1"},
             "batching_on_w2": {"RESNET_WORKERS": "2", "RESNET_INTRA_OP_THREADS": "1", "RESNET_DECODE_THREADS": "1"},
             "batching_on_nospin": {"RESNET_ORT_SPINNING": "false"},
+            # onnxruntime's pool spinning between parallel sections, now that it runs below the event loop's priority.
+            "batching_on_spin": {"RESNET_ORT_SPINNING": "true"},
             # Two processes, each with an onnxruntime pool of every core that sleeps instead of spinning when idle.
             "batching_on_w2_t2": {"RESNET_WORKERS": "2", "RESNET_DECODE_THREADS": "1", "RESNET_ORT_SPINNING": "false"},
             # The event loop's priority over decoding and inference (RESNET_COMPUTE_NICE, 6 by default), under overload.
