@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 
 from service import access_log, predict, v2
 from service.app import create_app
+from service.balance import ConnectionShares
 from service.http import early_refusal
 from service.lifecycle import keep_clean_exit_after_drain
 from service.server import capped_head
@@ -31,21 +32,42 @@ def configure_logging(settings: Settings, stream: IO[str] | None = None) -> None
             atexit.register(access_log.BackgroundWriter().start().stop)
 
 
-def uvicorn_config(settings: Settings, app: Starlette) -> uvicorn.Config:
-    """How uvicorn serves ``app``: the capped request head and the early 429 (``service.server``), no access log
-    of its own."""
+def uvicorn_config(settings: Settings, app: Starlette, shares: ConnectionShares | None = None) -> uvicorn.Config:
+    """How uvicorn serves ``app``: the capped request head, the early 429 and a supervised worker's share of the
+    connections (``service.server``), no access log of its own."""
     return uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         # uvicorn's own access log is off: service.access_log writes one, with the status and the duration.
         timeout_graceful_shutdown=settings.drain_timeout_s, access_log=False,
-        http=capped_head(settings.max_header_bytes, early_refusal(app, [predict.refusable, v2.refusable])),
+        http=capped_head(settings.max_header_bytes, early_refusal(app, [predict.refusable, v2.refusable]), shares),
     )
 
 
-def run_server(settings: Settings, sockets: list[socket.socket] | None = None, supervised: bool = False) -> None:
-    """uvicorn serving ``create_app(settings)`` in this process, on ``sockets`` or on host:port."""
+class SharingServer(uvicorn.Server):
+    """A supervised worker's server: it takes a share of the connections from the moment its socket listens (after
+    the lifespan's startup, so once the model is ready) until its drain begins."""
+
+    def __init__(self, config: uvicorn.Config, shares: ConnectionShares) -> None:
+        super().__init__(config)
+        self.shares = shares
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:
+            self.shares.publish(len(self.server_state.connections))
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.shares.stop_listening()
+        await super().shutdown(sockets)
+
+
+def run_server(settings: Settings, sockets: list[socket.socket] | None = None, supervised: bool = False,
+               shares: ConnectionShares | None = None) -> None:
+    """uvicorn serving ``create_app(settings)`` in this process, on ``sockets`` or on host:port; ``shares``: this
+    worker's cell of the supervisor's connection shares."""
     keep_clean_exit_after_drain()
-    uvicorn.Server(uvicorn_config(settings, create_app(settings, supervised=supervised))).run(sockets=sockets)
+    config = uvicorn_config(settings, create_app(settings, supervised=supervised), shares)
+    (uvicorn.Server(config) if shares is None else SharingServer(config, shares)).run(sockets=sockets)
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
-"""The HTTP server's part of the limits and of admission: uvicorn's httptools protocol with the request head
-(request line and headers) capped, answered 431 (RFC 6585 section 5), and requests that admission refuses at
-once answered as soon as their head is in. httptools itself buffers a head of any size, and the body, time and
-pixel limits only start once the head is in."""
+"""The HTTP server's part of the limits, of admission and of balance: uvicorn's httptools protocol with the request
+head (request line and headers) capped, answered 431 (RFC 6585 section 5), requests that admission refuses at
+once answered as soon as their head is in, and, under the supervisor, a worker over its share of the connections
+closing one (``service.balance``). httptools itself buffers a head of any size, and the body, time and pixel
+limits only start once the head is in."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.balance import ConnectionShares
 
 # (method, request target, headers as uvicorn keeps them, client) -> the whole response to write, closing the
 # connection, or None to serve the request
@@ -28,11 +31,21 @@ class CappedHead(HttpToolsProtocol):
 
     max_head_bytes = 16 * 1024
     refuse: Refuse | None = None
+    shares: ConnectionShares | None = None  # one worker of several: its share of the connections
 
     def connection_made(self, transport) -> None:  # noqa: ANN001 - asyncio's Transport
         super().connection_made(transport)
         self.head_open, self.head_fed, self.head_parsed, self.head_too_large = True, 0, 0, False
         self.refused = False  # the request being read was answered already: its body is read and dropped
+        self.leaving = False  # told to close after the response being made
+        if self.shares is not None:
+            self.shares.publish(len(self.connections))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.shares is not None:
+            self.shares.leaving -= self.leaving
+            self.shares.publish(len(self.connections))
 
     def data_received(self, data: bytes) -> None:
         if self.head_open:
@@ -60,7 +73,19 @@ class CappedHead(HttpToolsProtocol):
         self.head_open = False
         if self.refuse is not None and self.refused_at_once():
             return
+        cycle = self.cycle
         super().on_headers_complete()
+        if self.shares is not None and self.cycle is not cycle and self.cycle.keep_alive and not self.leaving:
+            self.leave_if_over_share()
+
+    def leave_if_over_share(self) -> None:
+        """One connection at a time leaves a worker over its share: the count of those leaving is subtracted at
+        once, so the requests that follow on other connections do not all close theirs too."""
+        if self.shares.over_share():
+            self.cycle.keep_alive = False  # uvicorn answers with connection: close, then closes (its drain's way)
+            self.leaving = True
+            self.shares.leaving += 1
+            self.shares.publish(len(self.connections))
 
     def refused_at_once(self) -> bool:
         """Under overload most requests are refused: answered here, one costs no request task, ASGI call chain or
@@ -105,6 +130,9 @@ class CappedHead(HttpToolsProtocol):
         self.transport.close()
 
 
-def capped_head(max_head_bytes: int, refuse: Refuse | None = None) -> type[CappedHead]:
-    """The protocol class uvicorn instantiates per connection, with the configured limit and admission check."""
-    return type("CappedHead", (CappedHead,), {"max_head_bytes": max_head_bytes, "refuse": staticmethod(refuse)})
+def capped_head(max_head_bytes: int, refuse: Refuse | None = None,
+                shares: ConnectionShares | None = None) -> type[CappedHead]:
+    """The protocol class uvicorn instantiates per connection, with the configured limit, admission check and, for
+    a supervised worker, its share of the connections."""
+    return type("CappedHead", (CappedHead,), {"max_head_bytes": max_head_bytes, "refuse": staticmethod(refuse),
+                                              "shares": shares})

@@ -4,7 +4,9 @@ each listening on its own ``SO_REUSEPORT`` socket, under this supervisor.
 Why this shape: with one shared listening socket (uvicorn's ``--workers``) whichever worker wakes first accepts
 a burst of connections, and a closed-loop load could land almost entirely on one of two workers
 (docs/throughput.md#workers). With a socket per worker the kernel spreads new connections over the workers by
-a hash of the connection, and a worker that is still loading has no socket listening yet, so it gets none.
+a hash of the connection, and a worker that is still loading has no socket listening yet, so it gets none. The
+hash can give one worker more than its share (two clients on one worker half the time); that worker then closes
+one of its connections after a response, and the client's next one is hashed anew (``service.balance``).
 
 The supervisor replaces a worker that dies (the OOM killer's kill -9 included; connections the dead worker held
 are reset at once, so their clients fail fast), forwards SIGHUP (reload the model) to every worker, and on
@@ -25,6 +27,7 @@ import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from service.balance import ConnectionShares
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -44,9 +47,9 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_worker(settings: Settings, index: int, statistics: Path) -> None:
+def run_worker(settings: Settings, index: int, statistics: Path, shares: Path) -> None:
     """A worker process: the whole service on its own SO_REUSEPORT socket, counting its inference statistics into
-    row ``index`` of the shared file ``statistics``."""
+    row ``index`` of the shared file ``statistics`` and its connections into cell ``index`` of ``shares``."""
     from service import metrics
     from service.__main__ import configure_logging, run_server
 
@@ -54,7 +57,7 @@ def run_worker(settings: Settings, index: int, statistics: Path) -> None:
     metrics.STATISTICS.attach(statistics, index)
     os.environ["RESNET_WORKER_INDEX"] = str(index)
     sock = reuseport_socket(settings.host, settings.port)
-    run_server(settings, sockets=[sock], supervised=True)
+    run_server(settings, sockets=[sock], supervised=True, shares=ConnectionShares(shares, index))
 
 
 class Supervisor:
@@ -68,7 +71,7 @@ class Supervisor:
         self.reload_requested = False
 
     def spawn(self, index: int) -> None:
-        proc = self.context.Process(target=run_worker, args=(self.settings, index, self.statistics),
+        proc = self.context.Process(target=run_worker, args=(self.settings, index, self.statistics, self.shares_path),
                                     name=f"worker-{index}")
         proc.start()
         self.workers[index], self.started[index] = proc, time.monotonic()
@@ -84,6 +87,9 @@ class Supervisor:
 
         self.statistics = Path(metrics_dir) / f"inference-statistics-{os.getpid()}.bin"
         InferenceStatistics.create(self.statistics, self.settings.effective_workers)
+        self.shares_path = Path(metrics_dir) / f"connection-shares-{os.getpid()}.bin"
+        ConnectionShares.create(self.shares_path, self.settings.effective_workers)
+        self.shares = ConnectionShares(self.shares_path, 0)
         previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             # Fail early, with the supervisor's own message, when the port cannot be had at all.
@@ -126,6 +132,7 @@ class Supervisor:
             lived = time.monotonic() - self.started[index]
             self.failures[index] = 0 if lived > STABLE_AFTER_S else self.failures.get(index, 0) + 1
             multiprocess.mark_process_dead(proc.pid)
+            self.shares.stop_listening(index)  # its connections are gone with it; the others hold none of its share
             delay = RESTART_BACKOFF_S[min(self.failures[index], len(RESTART_BACKOFF_S) - 1)]
             log.error("worker %d (pid %d) exited with %s after %.1f s; restarting in %.0f s", index, proc.pid,
                       proc.exitcode, lived, delay)

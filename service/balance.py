@@ -1,0 +1,46 @@
+"""Equal shares of the connections for the workers of ``service.supervisor``.
+
+Each worker listens on its own ``SO_REUSEPORT`` socket and the kernel hashes every new connection to one of them,
+so two keep-alive clients land on the same worker half the time while another worker idles
+(docs/throughput.md#connection-shares). A worker that holds more than its share of the open connections answers
+the next request on one of them with ``Connection: close`` (RFC 9112 section 9.6): the client opens a new one,
+which the kernel hashes anew, until no worker holds more than ceil(connections / listening workers). Envoy's
+"exact" connection balance decides the same at accept time, which ``SO_REUSEPORT`` leaves to the kernel.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from pathlib import Path
+
+NOT_LISTENING = -1  # a worker still loading its model, draining, or dead and not yet replaced: no share to take
+
+
+class ConnectionShares:
+    """One int64 a worker in a file all of them map: its open connections that are staying, or ``NOT_LISTENING``.
+    Each worker writes only its own cell, from its event loop; an aligned 8-byte store is atomic on the CPUs we
+    run on, and a read a moment stale only delays a close to the next request."""
+
+    def __init__(self, path: Path, index: int) -> None:
+        with open(path, "r+b") as f:
+            self.map = mmap.mmap(f.fileno(), 0)
+        self.cells = memoryview(self.map).cast("q")
+        self.index = index
+        self.leaving = 0  # this worker's connections told to close that are still open
+
+    @staticmethod
+    def create(path: Path, workers: int) -> None:
+        path.write_bytes(struct.pack(f"{workers}q", *[NOT_LISTENING] * workers))
+
+    def publish(self, connections: int) -> None:
+        self.cells[self.index] = connections - self.leaving
+
+    def stop_listening(self, index: int | None = None) -> None:
+        self.cells[self.index if index is None else index] = NOT_LISTENING
+
+    def over_share(self) -> bool:
+        """This worker holds more connections than ceil(all of them / the workers listening)."""
+        counts = [c for c in self.cells if c != NOT_LISTENING]
+        mine = self.cells[self.index]
+        return len(counts) > 1 and mine > -(-sum(counts) // len(counts))
