@@ -54,7 +54,7 @@ class SharingServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if not self.should_exit:
-            self.shares.publish(len(self.server_state.connections))
+            self.shares.listen(len(self.server_state.connections))
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.shares.stop_listening()

@@ -28,16 +28,25 @@ class ConnectionShares:
         self.cells = memoryview(self.map).cast("q")
         self.index = index
         self.leaving = 0  # this worker's connections told to close that are still open
+        self.listening = False
 
     @staticmethod
     def create(path: Path, workers: int) -> None:
         path.write_bytes(struct.pack(f"{workers}q", *[NOT_LISTENING] * workers))
 
+    def listen(self, connections: int) -> None:
+        self.listening = True
+        self.publish(connections)
+
     def publish(self, connections: int) -> None:
-        self.cells[self.index] = connections - self.leaving
+        if self.listening:
+            self.cells[self.index] = connections - self.leaving
 
     def stop_listening(self, index: int | None = None) -> None:
-        self.cells[self.index if index is None else index] = NOT_LISTENING
+        """This worker (or, from the supervisor, worker ``index``) takes no share any more."""
+        if index is None:
+            self.listening, index = False, self.index
+        self.cells[index] = NOT_LISTENING
 
     def over_share(self) -> bool:
         """This worker holds more connections than ceil(all of them / the workers listening)."""

@@ -163,3 +163,13 @@ def test_two_workers_end_up_holding_equal_shares_of_keep_alive_clients(tmp_path)
             c.close()
         code = server.stop()
     assert code == 0, server.log_tail()
+
+
+def test_publish_after_stop_listening_leaves_the_worker_out(tmp_path):
+    """A draining worker's connections close one by one; their counts must not make it look listening again."""
+    shares = shares_of(tmp_path, [NOT_LISTENING, 4])
+    shares.listen(3)
+    assert shares.cells[0] == 3
+    shares.stop_listening()
+    shares.publish(2)
+    assert shares.cells[0] == NOT_LISTENING, list(shares.cells)
