@@ -43,7 +43,8 @@ def top_k_of(query_string: bytes) -> int:
     value = 5
     if not query_string:
         return value
-    for key, raw in parse_qsl(query_string.decode("latin-1")):
+    # Blank values kept: ``top_k=`` is an invalid integer (422), as FastAPI has it, not the default.
+    for key, raw in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
         if key == "top_k":
             value = raw
     try:

@@ -225,6 +225,8 @@ def test_predict_bad_input_gets_clear_4xx(client, request_kwargs, status, detail
         pytest.param("top_k=0", "invalid top_k: Input should be greater than or equal to 1", id="zero"),
         pytest.param("top_k=abc", "invalid top_k: Input should be a valid integer, unable to parse string as an "
                                   "integer", id="not-int"),
+        pytest.param("top_k=", "invalid top_k: Input should be a valid integer, unable to parse string as an "
+                               "integer", id="blank"),
     ],
 )
 def test_predict_bad_top_k_gets_422(client, query, detail):
