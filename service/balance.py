@@ -2,9 +2,9 @@
 
 Each worker listens on its own ``SO_REUSEPORT`` socket and the kernel hashes every new connection to one of them,
 so two keep-alive clients land on the same worker half the time while another worker idles
-(docs/throughput.md#connection-shares). A worker that holds more than its share of the open connections answers
-the next request on one of them with ``Connection: close`` (RFC 9112 section 9.6): the client opens a new one,
-which the kernel hashes anew, until no worker holds more than ceil(connections / listening workers). Envoy's
+(docs/throughput.md#connection-shares-2026-12-03). A worker that holds more than its share of the open connections
+answers the next request on one of them with ``Connection: close`` (RFC 9112 section 9.6): the client opens a new
+one, which the kernel hashes anew, until no worker holds more than ceil(connections / listening workers). Envoy's
 "exact" connection balance decides the same at accept time, which ``SO_REUSEPORT`` leaves to the kernel.
 """
 

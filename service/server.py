@@ -44,7 +44,8 @@ class CappedHead(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         if self.shares is not None:
-            self.shares.leaving -= self.leaving
+            if self.leaving:
+                self.shares.leaving -= 1
             self.shares.publish(len(self.connections))
 
     def data_received(self, data: bytes) -> None:

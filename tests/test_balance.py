@@ -4,7 +4,6 @@ peer's cell the test sets, and two real workers behind one port."""
 from __future__ import annotations
 
 import http.client
-import os
 import threading
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from bench.harness import free_port, start_service, wait_ready
 from service.balance import NOT_LISTENING, ConnectionShares
 from tests.images import encode, one_per_class
+from tests.procfs import socket_inodes
 
 PNG = encode(one_per_class()[2][0], "PNG")
 
@@ -102,18 +102,6 @@ def test_worker_over_its_share_closes_connections_after_answering(worker_of_two,
     for conn in conns:  # the kept ones are still usable; the closed ones reconnect (http.client's auto_open)
         predict(conn)
         conn.close()
-
-
-def socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    return inodes
 
 
 def server_side_inodes(server_port: int, client_ports: list[int]) -> dict[int, str]:

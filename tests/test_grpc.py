@@ -36,6 +36,7 @@ from service.preprocessing import Preprocessor
 from service.protocol import EXTENSIONS
 from tests.conftest import ROOT
 from tests.images import FORMATS, bomb_png, encode, one_per_class
+from tests.procfs import socket_inodes
 
 KEY = "grpc-test-key-0123456789"
 LIMITS = {"RESNET_MAX_UPLOAD_BYTES": "200000", "RESNET_MAX_BATCH_IMAGES": "16", "RESNET_MAX_BATCH_SIZE": "8"}
@@ -596,7 +597,6 @@ def test_sigterm_drains_grpc_call_in_flight(tmp_path):
 def listening_ports(pid: int) -> set[int]:
     """TCP ports process ``pid`` or its children (a supervisor's workers) listen on (Linux: their socket inodes,
     looked up in /proc/net/tcp{,6})."""
-    import os
     from pathlib import Path
 
     pids = {pid}
@@ -606,19 +606,7 @@ def listening_ports(pid: int) -> set[int]:
                 pids.add(int(stat.parent.name))
         except (OSError, ValueError):
             continue
-    inodes = set()
-    for p in pids:
-        try:
-            fds = list(Path(f"/proc/{p}/fd").iterdir())
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
+    inodes = set().union(*(socket_inodes(p) for p in pids))
     ports = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:

@@ -1,0 +1,23 @@
+"""What /proc says about a process's sockets, for tests that must know which process holds a connection or port."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process ``pid`` has open (none if it is gone)."""
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return set()
+    inodes = set()
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
