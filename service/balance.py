@@ -42,11 +42,16 @@ class ConnectionShares:
         if self.listening:
             self.cells[self.index] = connections - self.leaving
 
-    def stop_listening(self, index: int | None = None) -> None:
-        """This worker (or, from the supervisor, worker ``index``) takes no share any more."""
-        if index is None:
-            self.listening, index = False, self.index
-        self.cells[index] = NOT_LISTENING
+    def stop_listening(self) -> None:
+        self.listening = False
+        self.cells[self.index] = NOT_LISTENING
+
+    @staticmethod
+    def vacate(path: Path, index: int) -> None:
+        """Worker ``index`` died (the supervisor's call): the count it left behind is no share."""
+        with open(path, "r+b") as f:
+            f.seek(8 * index)
+            f.write(struct.pack("q", NOT_LISTENING))
 
     def over_share(self) -> bool:
         """This worker holds more connections than ceil(all of them / the workers listening)."""

@@ -89,7 +89,6 @@ class Supervisor:
         InferenceStatistics.create(self.statistics, self.settings.effective_workers)
         self.shares_path = Path(metrics_dir) / f"connection-shares-{os.getpid()}.bin"
         ConnectionShares.create(self.shares_path, self.settings.effective_workers)
-        self.shares = ConnectionShares(self.shares_path, 0)
         previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             # Fail early, with the supervisor's own message, when the port cannot be had at all.
@@ -132,7 +131,7 @@ class Supervisor:
             lived = time.monotonic() - self.started[index]
             self.failures[index] = 0 if lived > STABLE_AFTER_S else self.failures.get(index, 0) + 1
             multiprocess.mark_process_dead(proc.pid)
-            self.shares.stop_listening(index)  # its connections are gone with it; the others hold none of its share
+            ConnectionShares.vacate(self.shares_path, index)  # its connections are gone with it
             delay = RESTART_BACKOFF_S[min(self.failures[index], len(RESTART_BACKOFF_S) - 1)]
             log.error("worker %d (pid %d) exited with %s after %.1f s; restarting in %.0f s", index, proc.pid,
                       proc.exitcode, lived, delay)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from bench.harness import free_port, start_service, wait_ready
 from service.balance import NOT_LISTENING, ConnectionShares
 from tests.images import encode, one_per_class
 from tests.procfs import socket_inodes
+from tests.test_server_process import two_workers, wait_for
 
 PNG = encode(one_per_class()[2][0], "PNG")
 
@@ -42,13 +42,6 @@ def shares_of(tmp_path: Path, cells: list[int]) -> ConnectionShares:
 ])
 def test_over_share_when_holding_more_than_the_ceiling_of_an_equal_split(tmp_path, cells, over):
     assert shares_of(tmp_path, cells).over_share() is over, cells
-
-
-def wait_for(check, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not (value := check()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return value
 
 
 @pytest.fixture
@@ -118,8 +111,6 @@ def server_side_inodes(server_port: int, client_ports: list[int]) -> dict[int, s
 def test_two_workers_end_up_holding_equal_shares_of_keep_alive_clients(tmp_path):
     """Eight keep-alive clients: the kernel's hash leaves them split 4/4 only about a quarter of the time; each
     worker over its share closes one after answering, and the clients' new connections are hashed anew."""
-    from tests.test_server_process import two_workers
-
     server = start_service({"RESNET_WORKERS": "2", "RESNET_INTRA_OP_THREADS": "1"}, tmp_path / "server.log")
     conns = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=30) for _ in range(8)]
     try:
@@ -161,3 +152,13 @@ def test_publish_after_stop_listening_leaves_the_worker_out(tmp_path):
     shares.stop_listening()
     shares.publish(2)
     assert shares.cells[0] == NOT_LISTENING, list(shares.cells)
+
+
+def test_vacate_leaves_a_dead_workers_count_out(tmp_path):
+    """The supervisor's call for a worker that died: the count it published last is no share the others owe."""
+    shares = shares_of(tmp_path, [2, NOT_LISTENING])
+    dead = ConnectionShares(tmp_path / "shares.bin", 1)
+    dead.listen(5)
+    assert shares.cells[1] == 5 and not shares.over_share(), list(shares.cells)
+    ConnectionShares.vacate(tmp_path / "shares.bin", 1)
+    assert list(shares.cells) == [2, NOT_LISTENING]
