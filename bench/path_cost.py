@@ -36,7 +36,7 @@ VARIANTS = {
     "accesslog_inline": {},
     "batching_off": {"max_batch_size": 1},
     "t1": {"intra_op_threads": 1},
-    "nospin": {"ort_spinning": False},
+    "nospin": {"ort_spinning": "off"},
 }
 
 

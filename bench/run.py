@@ -46,11 +46,13 @@ PEERS_DIR = ROOT.parent / "shared" / "peers"  # TorchServe, set up as its docs r
 # Extra variants for choosing defaults (--servers): 2 uvicorn workers with 1 onnxruntime thread each.
 VARIANTS = {"batching_off": {"RESNET_MAX_BATCH_SIZE": "1"},
             "batching_on_w2": {"RESNET_WORKERS": "2", "RESNET_INTRA_OP_THREADS": "1", "RESNET_DECODE_THREADS": "1"},
-            "batching_on_nospin": {"RESNET_ORT_SPINNING": "false"},
+            "batching_on_nospin": {"RESNET_ORT_SPINNING": "off"},
             # onnxruntime's pool spinning between parallel sections, now that it runs below the event loop's priority.
-            "batching_on_spin": {"RESNET_ORT_SPINNING": "true"},
+            "batching_on_spin": {"RESNET_ORT_SPINNING": "on"},
+            # ...and spinning only while a session.run is in progress.
+            "batching_on_spin_in_run": {"RESNET_ORT_SPINNING": "in_run"},
             # Two processes, each with an onnxruntime pool of every core that sleeps instead of spinning when idle.
-            "batching_on_w2_t2": {"RESNET_WORKERS": "2", "RESNET_DECODE_THREADS": "1", "RESNET_ORT_SPINNING": "false"},
+            "batching_on_w2_t2": {"RESNET_WORKERS": "2", "RESNET_DECODE_THREADS": "1", "RESNET_ORT_SPINNING": "off"},
             # The event loop's priority over decoding and inference (RESNET_COMPUTE_NICE, 6 by default), under overload.
             "batching_on_nice0": {"RESNET_COMPUTE_NICE": "0"},
             "batching_on_nice3": {"RESNET_COMPUTE_NICE": "3"},
@@ -59,9 +61,9 @@ VARIANTS = {"batching_off": {"RESNET_MAX_BATCH_SIZE": "1"},
             # GPU hosts have the cores: 4 processes decode in parallel and share the one GPU.
             "batching_on_w4": {"RESNET_WORKERS": "4", "RESNET_DECODE_THREADS": "4"},
             # onnxruntime's CPU pool idle: on CUDA it only runs the few CPU nodes, and spinning threads steal cores.
-            "batching_on_t1": {"RESNET_INTRA_OP_THREADS": "1", "RESNET_ORT_SPINNING": "false"},
+            "batching_on_t1": {"RESNET_INTRA_OP_THREADS": "1", "RESNET_ORT_SPINNING": "off"},
             "batching_on_w4_t1": {"RESNET_WORKERS": "4", "RESNET_DECODE_THREADS": "4", "RESNET_INTRA_OP_THREADS": "1",
-                                  "RESNET_ORT_SPINNING": "false"}}
+                                  "RESNET_ORT_SPINNING": "off"}}
 HEAVY = {"jpeg12mp": 2, "multipart32": 2}  # cell duration multiplier: slow requests need longer windows
 REFUSED_P99_MS = 250  # "quickly", for a 429: a quarter of a second, where a queued request waits seconds
 

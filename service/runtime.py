@@ -72,11 +72,14 @@ class Model:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = settings.effective_intra_op_threads
         options.inter_op_num_threads = 1
-        # Spinning is onnxruntime's default; off trades a lone client's latency for throughput under load
-        # (docs/throughput.md#onnxruntime-settings).
-        if not settings.ort_spinning:
+        # Spinning between runs is onnxruntime's default (docs/throughput.md#spinning-within-a-run).
+        if settings.ort_spinning == "off":
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        elif settings.ort_spinning == "in_run":
+            # onnxruntime_session_options_config_keys.h: the pool stops spinning as soon as the last concurrent
+            # Run() returns, and spins again on the next.
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             session = ort.InferenceSession(blob, sess_options=options, providers=providers(settings))
         except Exception as e:  # onnxruntime raises its own exception types for corrupt or unsupported files

@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default.onnx"
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -55,8 +56,12 @@ class Settings(BaseSettings):
         "auto", description="auto: CUDA if it really works, else CPU; cuda: never ready without CUDA; cpu"
     )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads per inference (0 = usable cores)")
-    # Off by default: spinning threads took a core's worth of CPU from the event loops (docs/throughput.md#defaults).
-    ort_spinning: bool = Field(False, description="onnxruntime worker threads spin between parallel sections")
+    # Off by default: spinning threads, even only during runs, took CPU the event loops needed under load; in_run
+    # serves a lone client faster (docs/throughput.md#spinning-within-a-run).
+    ort_spinning: Literal["off", "in_run", "on"] = Field(
+        "off", description="onnxruntime's threads spin while waiting for work: off; in_run: only during a "
+        "session.run, stopped when it returns; on: also between runs (onnxruntime's default)"
+    )
     cuda_device_id: int = Field(0, ge=0)
     # Off: TF32 moves float32 answers away from the CPU's (docs/throughput.md#on-a-gpu).
     cuda_tf32: bool = Field(False, description="let cuDNN use TF32 tensor cores for float32 convolutions")
@@ -116,6 +121,16 @@ class Settings(BaseSettings):
         for key in v:
             if len(key.get_secret_value()) < 16:
                 raise ValueError("every API key needs at least 16 characters")
+        return v
+
+    @field_validator("ort_spinning", mode="before")
+    @classmethod
+    def _spinning_from_a_boolean(cls, v: object) -> object:
+        # The setting was a boolean before in_run: true and false keep their meaning.
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        if isinstance(v, str) and v.strip().lower() in BOOLEAN_WORDS:
+            return "on" if BOOLEAN_WORDS[v.strip().lower()] else "off"
         return v
 
     @field_validator("model_path")
