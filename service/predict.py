@@ -9,15 +9,15 @@ OpenAPI and answers the same way where this endpoint is not in front.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Annotated
 from urllib.parse import parse_qsl
 
 import numpy as np
 import orjson
 from pydantic import Field, TypeAdapter, ValidationError
-from starlette.datastructures import Headers, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from service import metrics
@@ -53,6 +53,82 @@ def top_k_of(query_string: bytes) -> int:
         raise InvalidTopK(f"invalid top_k: {e.errors()[0]['msg']}") from e
 
 
+class FileParts:
+    """The file parts of a multipart/form-data body already in memory, as bytes, in order: python-multipart's parser
+    (the one Starlette uses) without Starlette's spooled temporary file per part, which cost more than the parsing
+    for a batch of small images (docs/throughput.md#multipart-parsing). Parts without a filename are form fields:
+    counted and size-checked as Starlette does, then dropped."""
+
+    MAX_FIELDS = 100
+    MAX_FIELD_BYTES = 2**20
+
+    def __init__(self, max_files: int) -> None:
+        self.max_files = max_files
+        self.files: list[bytes] = []
+        self.fields = 0
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._is_file = False
+        self._header_name = self._header_value = b""
+        self._disposition = b""
+
+    def on_part_begin(self) -> None:
+        self._chunks, self._size, self._disposition = [], 0, b""
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = self._header_value = b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise InvalidMultipart()
+        self._is_file = b"filename" in options
+        if self._is_file and len(self.files) >= self.max_files:
+            raise TooManyImages(self.max_files)
+        if not self._is_file:
+            self.fields += 1
+            if self.fields > self.MAX_FIELDS:
+                raise InvalidMultipart()
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._size += end - start
+        if not self._is_file and self._size > self.MAX_FIELD_BYTES:
+            raise InvalidMultipart()
+        self._chunks.append(data[start:end])
+
+    def on_part_end(self) -> None:
+        if self._is_file:
+            self.files.append(self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks))
+
+    @classmethod
+    def parse(cls, body: bytes, content_type: str, max_files: int) -> list[bytes]:
+        """``TooManyImages`` past ``max_files`` (the parser stops there, so a form of many tiny parts is not parsed to
+        the end); ``InvalidMultipart`` for anything malformed."""
+        _, params = parse_options_header(content_type)
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise InvalidMultipart()
+        parts = cls(max_files)
+        callbacks = {name: getattr(parts, name) for name in (
+            "on_part_begin", "on_header_field", "on_header_value", "on_header_end", "on_headers_finished",
+            "on_part_data", "on_part_end")}
+        try:
+            parser = MultipartParser(boundary, callbacks)
+            parser.write(body)
+            parser.finalize()
+        except FormParserError as e:
+            raise InvalidMultipart() from e
+        return parts.files
+
+
 async def read_images(receive: Receive, headers: Headers, settings: Settings) -> list[bytes]:
     """The image payloads of a request: a raw body, or the file parts of a multipart form, in order."""
     content_type = headers.get("content-type", "application/octet-stream")
@@ -64,25 +140,9 @@ async def read_images(receive: Receive, headers: Headers, settings: Settings) ->
         raise EmptyBody()
     if media != "multipart/form-data":
         return [body]
-
-    async def stream() -> AsyncIterator[bytes]:
-        yield body
-
-    # The parser stops at the core's image limit, so a form of many tiny parts is not parsed to the end.
-    parser = MultiPartParser(headers, stream(), max_files=settings.max_batch_images, max_fields=100,
-                             max_part_size=settings.max_upload_bytes)
-    try:
-        form = await parser.parse()
-    except MultiPartException as e:
-        # Starlette signals the file-count limit only through this message.
-        raise (TooManyImages(settings.max_batch_images) if "Too many files" in e.message else InvalidMultipart()) from e
-    try:
-        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        if not files:
-            raise NoImages()
-        images = [await f.read() for f in files]
-    finally:
-        await form.close()
+    images = FileParts.parse(body, content_type, settings.max_batch_images)
+    if not images:
+        raise NoImages()
     empty = next((i for i, data in enumerate(images) if not data), None)
     if empty is not None:
         error = EmptyBody("empty file part")

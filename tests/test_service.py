@@ -149,6 +149,11 @@ def truncated_png() -> bytes:
     return data[: len(data) // 2]
 
 
+def form_part(disposition: str, data: bytes = b"\x89PNG") -> bytes:
+    """One part of a multipart body with boundary ``x``."""
+    return f"--x\r\nContent-Disposition: form-data; {disposition}\r\n\r\n".encode() + data + b"\r\n"
+
+
 def multipart(n: int) -> dict:
     return {"files": [("files", (f"{i}.png", png(one_per_class()[0][0]), "image/png")) for i in range(n)]}
 
@@ -209,6 +214,18 @@ TOO_MANY_PIXELS = "image has too many pixels: limit 10000000 (width x height, RE
         pytest.param({"content": b"--x\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nv\r\n--x--\r\n",
                       "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400,
                      "multipart body has no file parts", id="multipart-without-files"),
+        pytest.param({"content": form_part('name="f"; filename="a.png"') + b"--x--\r\n",
+                      "headers": {"content-type": "multipart/form-data"}}, 400, "malformed multipart body",
+                     id="multipart-without-boundary"),
+        pytest.param({"content": form_part('filename="a.png"') + b"--x--\r\n",
+                      "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "malformed multipart body",
+                     id="multipart-part-without-name"),
+        pytest.param({"content": form_part('name="a"', b"v") * 101 + b"--x--\r\n",
+                      "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "malformed multipart body",
+                     id="multipart-over-100-fields"),
+        pytest.param({"content": b"--x\r\nnot a header line\r\n\r\n",
+                      "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "malformed multipart body",
+                     id="multipart-garbled-headers"),
     ],
 )
 def test_predict_bad_input_gets_clear_4xx(client, request_kwargs, status, detail):
@@ -217,6 +234,30 @@ def test_predict_bad_input_gets_clear_4xx(client, request_kwargs, status, detail
     assert r.json() == {"detail": detail}
     ok = client.post("/predict", content=png(one_per_class()[1][0]), headers={"content-type": "image/png"})
     assert ok.status_code == 200, ok.text  # and the service keeps serving
+
+
+@pytest.mark.parametrize(
+    ("body", "want"),
+    [
+        pytest.param(form_part('name="a"; filename="1.png"', b"one") + form_part('name="note"', b"text")
+                     + form_part('name="b"; filename=""', b"two") + b"--x--\r\n", [b"one", b"two"],
+                     id="files-in-order-fields-dropped"),
+        pytest.param(form_part('name="a"', b"v" * (2**20 + 1)) + b"--x--\r\n", "InvalidMultipart",
+                     id="field-over-1-mib"),
+        pytest.param(form_part('name="a"; filename="1.png"') * 3 + b"--x--\r\n", "TooManyImages",
+                     id="files-over-limit"),
+        pytest.param(form_part('name="a"; filename="1.png"'), [], id="no-closing-boundary"),
+    ],
+)
+def test_file_parts_parse_forms(body, want):
+    from service.errors import ServiceError
+    from service.predict import FileParts
+
+    try:
+        got = FileParts.parse(body, "multipart/form-data; boundary=x", max_files=2)
+    except ServiceError as e:
+        got = type(e).__name__
+    assert got == want
 
 
 @pytest.mark.parametrize(
