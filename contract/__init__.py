@@ -30,7 +30,7 @@ OUTPUT_NAMES = (LOGITS, PROBABILITIES)
 # metadata_props keys a server needs (preprocessing and labels); everything else export writes is descriptive.
 REQUIRED_KEYS = ("labels", "input_size", "colour_mode", "mean", "std", "resize")
 DESCRIPTIVE_KEYS = ("contract_version", "name", "arch", "shortcut", "residual", "data", "val_accuracy", "metrics",
-                    "created_at", "training_config", "precision", "quantization", "input_dtype")
+                    "created_at", "training_config", "precision", "quantization", "input_dtype", "adopted_from")
 # Preprocessing keys added by contract version 2: optional, and absent they mean what version 1 did.
 PREPROCESSING_V2_KEYS = ("resize_mode", "crop_fraction", "background", "fit_to_content")
 # The input types a model may take -> numpy dtype: float32 already normalised (x / 255 - mean) / std, or uint8

@@ -56,8 +56,8 @@ def top_k_of(query_string: bytes) -> int:
 class FileParts:
     """The file parts of a multipart/form-data body already in memory, as bytes, in order: python-multipart's parser
     (the one Starlette uses) without Starlette's spooled temporary file per part, which cost more than the parsing
-    for a batch of small images (docs/throughput.md#multipart-parsing). Parts without a filename are form fields:
-    counted and size-checked as Starlette does, then dropped."""
+    for a batch of small images (docs/throughput.md#multipart-parsing-2026-12-03-afternoon). Parts without a
+    filename are form fields: counted and size-checked as Starlette does, then dropped."""
 
     MAX_FIELDS = 100
     MAX_FIELD_BYTES = 2**20

@@ -72,7 +72,8 @@ class Model:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = settings.effective_intra_op_threads
         options.inter_op_num_threads = 1
-        # Spinning between runs is onnxruntime's default (docs/throughput.md#spinning-within-a-run).
+        # Spinning between runs is onnxruntime's default
+        # (docs/throughput.md#spinning-within-a-run-2026-12-03-afternoon).
         if settings.ort_spinning == "off":
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads per inference (0 = usable cores)")
     # Off by default: spinning threads, even only during runs, took CPU the event loops needed under load; in_run
-    # serves a lone client faster (docs/throughput.md#spinning-within-a-run).
+    # serves a lone client faster (docs/throughput.md#spinning-within-a-run-2026-12-03-afternoon).
     ort_spinning: Literal["off", "in_run", "on"] = Field(
         "off", description="onnxruntime's threads spin while waiting for work: off; in_run: only during a "
         "session.run, stopped when it returns; on: also between runs (onnxruntime's default)"

@@ -22,8 +22,9 @@ from model.export import export
 from model.train import train
 from tests.conftest import ROOT, make_class_folder
 
-# "quantization" is written by --int8 only (tests/test_int8.py).
-WRITTEN_METADATA = (set(REQUIRED_KEYS) | set(PREPROCESSING_V2_KEYS) | set(DESCRIPTIVE_KEYS)) - {"quantization"}
+# "quantization" is written by --int8 only (tests/test_int8.py), "adopted_from" by model.adopt (tests/test_adopt.py).
+WRITTEN_METADATA = (set(REQUIRED_KEYS) | set(PREPROCESSING_V2_KEYS) | set(DESCRIPTIVE_KEYS)) - {"quantization",
+                                                                                             "adopted_from"}
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess:
