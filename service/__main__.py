@@ -8,6 +8,7 @@ import atexit
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from typing import IO
 
 import uvicorn
@@ -43,12 +44,27 @@ def uvicorn_config(settings: Settings, app: Starlette, shares: ConnectionShares 
     )
 
 
-class SharingServer(uvicorn.Server):
+class Server(uvicorn.Server):
+    """uvicorn's server, which drains as soon as it has started when a SIGTERM came before it could see one
+    (``stop_requested``, from ``keep_clean_exit_after_drain``)."""
+
+    def __init__(self, config: uvicorn.Config, stop_requested: Callable[[], bool] = lambda: False) -> None:
+        super().__init__(config)
+        self.stop_requested = stop_requested
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.stop_requested():
+            self.should_exit = True  # uvicorn then skips its main loop and shuts down gracefully
+        await super().startup(sockets)
+
+
+class SharingServer(Server):
     """A supervised worker's server: it takes a share of the connections from the moment its socket listens (after
     the lifespan's startup, so once the model is ready) until its drain begins."""
 
-    def __init__(self, config: uvicorn.Config, shares: ConnectionShares) -> None:
-        super().__init__(config)
+    def __init__(self, config: uvicorn.Config, shares: ConnectionShares,
+                 stop_requested: Callable[[], bool] = lambda: False) -> None:
+        super().__init__(config, stop_requested)
         self.shares = shares
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -65,9 +81,10 @@ def run_server(settings: Settings, sockets: list[socket.socket] | None = None, s
                shares: ConnectionShares | None = None) -> None:
     """uvicorn serving ``create_app(settings)`` in this process, on ``sockets`` or on host:port; ``shares``: this
     worker's cell of the supervisor's connection shares."""
-    keep_clean_exit_after_drain()
+    stop_requested = keep_clean_exit_after_drain()
     config = uvicorn_config(settings, create_app(settings, supervised=supervised), shares)
-    (uvicorn.Server(config) if shares is None else SharingServer(config, shares)).run(sockets=sockets)
+    server = Server(config, stop_requested) if shares is None else SharingServer(config, shares, stop_requested)
+    server.run(sockets=sockets)
 
 
 def main() -> None:

@@ -21,10 +21,14 @@ from service.settings import Settings
 log = logging.getLogger("service")
 
 
-def keep_clean_exit_after_drain() -> None:
+def keep_clean_exit_after_drain() -> Callable[[], bool]:
     """uvicorn re-raises the signal that stopped it once it has shut down gracefully; with SIGTERM's default
-    action that would turn a clean drain into exit status 143. The drain is the handling: exit 0."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    action that would turn a clean drain into exit status 143. The drain is the handling: exit 0. A SIGTERM that
+    arrives before uvicorn installs its own handler (a worker told to stop while it starts) is remembered: the
+    returned check tells the server to drain as soon as it has started, instead of serving on."""
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopped.set())
+    return stopped.is_set
 
 
 def reload_other_workers(state: ServiceState) -> None:

@@ -126,6 +126,48 @@ def test_decoding_and_inference_threads_run_below_the_event_loop(live_server, co
     assert all(n in (loop, loop + int(compute_nice)) for n in nices.values()), nices
 
 
+# A worker's process, with SIGTERM arriving where the supervisor's drain can catch a starting worker: after the
+# early handler is set and before uvicorn installs its own (create_app runs in between).
+SIGTERM_WHILE_STARTING = """
+import os, signal, sys
+from pathlib import Path
+import service.__main__ as main
+from service.balance import ConnectionShares
+from service.settings import Settings
+
+real_create_app = main.create_app
+
+def create_app_then_sigterm(*args, **kwargs):
+    app = real_create_app(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return app
+
+main.create_app = create_app_then_sigterm
+settings = Settings(port=int(sys.argv[1]), grpc_port=0)
+shares = None
+if sys.argv[2] == "supervised":
+    ConnectionShares.create(Path(sys.argv[3]), 1)
+    shares = ConnectionShares(Path(sys.argv[3]), 0)
+main.run_server(settings, shares=shares)
+"""
+
+
+@pytest.mark.parametrize("kind", ["single", "supervised"])
+def test_sigterm_while_starting_drains_and_exits_zero(tmp_path, kind):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_STARTING, str(port), kind, str(tmp_path / "shares")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Application shutdown complete" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_workers_accept_connections_only_once_their_model_is_ready(tmp_path):
     """With several workers, readiness answered by one worker must hold for all: the kernel hands each new
     connection to any of them, so none may accept while still loading (it would answer 503)."""
