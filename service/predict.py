@@ -99,10 +99,12 @@ class FileParts:
                 raise InvalidMultipart()
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._is_file:
+            self._chunks.append(data[start:end])
+            return
         self._size += end - start
-        if not self._is_file and self._size > self.MAX_FIELD_BYTES:
+        if self._size > self.MAX_FIELD_BYTES:
             raise InvalidMultipart()
-        self._chunks.append(data[start:end])
 
     def on_part_end(self) -> None:
         if self._is_file:

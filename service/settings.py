@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default.onnx"
-BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+BOOLEAN = TypeAdapter(bool)
 
 
 def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -126,12 +126,13 @@ class Settings(BaseSettings):
     @field_validator("ort_spinning", mode="before")
     @classmethod
     def _spinning_from_a_boolean(cls, v: object) -> object:
-        # The setting was a boolean before in_run: true and false keep their meaning.
-        if isinstance(v, bool):
-            return "on" if v else "off"
-        if isinstance(v, str) and v.strip().lower() in BOOLEAN_WORDS:
-            return "on" if BOOLEAN_WORDS[v.strip().lower()] else "off"
-        return v
+        # The setting was a boolean before in_run: what pydantic reads as true or false keeps its meaning.
+        if v in ("off", "in_run", "on"):
+            return v
+        try:
+            return "on" if BOOLEAN.validate_python(v) else "off"
+        except ValidationError:
+            return v  # refused by the Literal, with its message
 
     @field_validator("model_path")
     @classmethod
