@@ -51,6 +51,8 @@ VARIANTS = {"batching_off": {"RESNET_MAX_BATCH_SIZE": "1"},
             "batching_on_spin": {"RESNET_ORT_SPINNING": "on"},
             # ...and spinning only while a session.run is in progress.
             "batching_on_spin_in_run": {"RESNET_ORT_SPINNING": "in_run"},
+            # ...and only for a batch that is all the work on the machine (a second session that spins in its runs).
+            "batching_on_alone": {"RESNET_ORT_SPINNING": "alone"},
             # Two processes, each with an onnxruntime pool of every core that sleeps instead of spinning when idle.
             "batching_on_w2_t2": {"RESNET_WORKERS": "2", "RESNET_DECODE_THREADS": "1", "RESNET_ORT_SPINNING": "off"},
             # The event loop's priority over decoding and inference (RESNET_COMPUTE_NICE, 6 by default), under overload.

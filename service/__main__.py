@@ -15,6 +15,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from service import access_log, predict, v2
+from service.activity import Activity
 from service.app import create_app
 from service.balance import ConnectionShares
 from service.http import early_refusal
@@ -78,11 +79,11 @@ class SharingServer(Server):
 
 
 def run_server(settings: Settings, sockets: list[socket.socket] | None = None, supervised: bool = False,
-               shares: ConnectionShares | None = None) -> None:
-    """uvicorn serving ``create_app(settings)`` in this process, on ``sockets`` or on host:port; ``shares``: this
-    worker's cell of the supervisor's connection shares."""
+               shares: ConnectionShares | None = None, activity: Activity | None = None) -> None:
+    """uvicorn serving ``create_app(settings)`` in this process, on ``sockets`` or on host:port; ``shares`` and
+    ``activity``: this worker's cells of the supervisor's connection shares and of its record of who holds images."""
     stop_requested = keep_clean_exit_after_drain()
-    config = uvicorn_config(settings, create_app(settings, supervised=supervised), shares)
+    config = uvicorn_config(settings, create_app(settings, supervised=supervised, activity=activity), shares)
     server = Server(config, stop_requested) if shares is None else SharingServer(config, shares, stop_requested)
     server.run(sockets=sockets)
 

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import api_docs, http, lifecycle, routes, ui, v2
 from service.access_log import AccessLog
+from service.activity import Activity
 from service.predict import PATH, PredictEndpoint
 from service.runtime import Model
 from service.settings import Settings
@@ -33,14 +34,14 @@ class Service(FastAPI):
 
 
 def create_app(settings: Settings, *, load_model: Callable[[Settings], Model] = Model.load,
-               supervised: bool = False) -> Service:
+               supervised: bool = False, activity: Activity | None = None) -> Service:
     """Build the service. ``load_model`` is the seam tests use to observe loading or inject faults; ``supervised``:
-    run as one of ``service.supervisor``'s workers."""
+    run as one of ``service.supervisor``'s workers; ``activity``: their shared record of who holds images."""
     app = Service(
         title="ResNet inference service",
         version="0.1.0",
         summary="Classify images with a residual network exported to ONNX, served by onnxruntime.",
-        lifespan=lifecycle.lifespan(settings, load_model, supervised),
+        lifespan=lifecycle.lifespan(settings, load_model, supervised, activity),
         docs_url=None,  # served by service.api_docs, from the service itself
         redoc_url=None,
     )

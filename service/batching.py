@@ -3,7 +3,9 @@
 Admission is decided before any decoding (``reserve``), so a full queue costs the client a 429 and the
 server nothing. A batch is dispatched as soon as it is full, or when nothing more is on its way (no
 reserved image is still decoding: a lone client pays no delay), or after ``max_delay_s`` at most.
-Triton's dynamic batcher works the same way (max_queue_delay_microseconds, preferred sizes).
+Triton's dynamic batcher works the same way (max_queue_delay_microseconds, preferred sizes). A batch that is all
+the work on the machine (nothing else queued or decoding here, no other worker holding images: ``activity``) is run
+as ``alone``, which the model may run differently (``service.runtime.Model.run``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -55,14 +57,15 @@ class Reservation:
         if self.n:
             self.batcher._incoming -= self.n
             self.n = 0
+            self.batcher._publish()
 
     async def submit(self, xs: list[np.ndarray], model: object) -> list[Result]:
         """Queue the decoded images; resolves when their batch has run. Cancelling drops them."""
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         items = [_Item(x, model, loop.create_future(), now) for x in xs]
-        self.release()
         self.batcher._queue.extend(items)
+        self.release()
         self.batcher._wakeup.set()
         futures = [it.future for it in items]
         try:
@@ -98,10 +101,18 @@ class DrainRate:
         return self._images / self._seconds if self._batches and self._seconds > 0 else None
 
 
+class Activity(Protocol):
+    """The workers' shared record of who holds images (``service.activity.Activity``)."""
+
+    def publish(self, images: int) -> None: ...
+
+    def others_idle(self) -> bool: ...
+
+
 class MicroBatcher(Generic[M]):
     def __init__(
         self,
-        run: Callable[[M, np.ndarray], np.ndarray],
+        run: Callable[[M, np.ndarray, bool], np.ndarray],
         executor: Executor,
         max_batch_size: int,
         max_delay_s: float,
@@ -109,14 +120,17 @@ class MicroBatcher(Generic[M]):
         on_batch: Callable[[int, float], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
         max_wait_s: float = float("inf"),
+        activity: Activity | None = None,
     ) -> None:
         self.run, self.executor = run, executor
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
         self.max_wait_s = max_wait_s
         self.on_batch, self.on_depth = on_batch, on_depth
+        self.activity = activity  # None: no other worker
         self.drain = DrainRate()
         self._queue: deque[_Item] = deque()
         self._incoming = 0  # images reserved and still being decoded
+        self._running = 0  # images in the batch being run
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -139,6 +153,7 @@ class MicroBatcher(Generic[M]):
         if (refused := self.refusal(n)) is not None:
             raise refused
         self._incoming += n
+        self._publish()
         return Reservation(self, n)
 
     def refusal(self, n: int) -> QueueFull | None:
@@ -148,6 +163,14 @@ class MicroBatcher(Generic[M]):
             # Retry-After: when today's queue should have drained (at least a second: HTTP's unit).
             return QueueFull(retry_after_s=max(1.0, self.expected_wait_s()))
         return None
+
+    def _publish(self) -> None:
+        if self.activity is not None:
+            self.activity.publish(len(self._queue) + self._incoming + self._running)
+
+    def _alone(self) -> bool:
+        """The batch about to run is all the work: none left queued or decoding here, none in another worker."""
+        return not self._queue and self._incoming == 0 and (self.activity is None or self.activity.others_idle())
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
@@ -202,9 +225,9 @@ class MicroBatcher(Generic[M]):
                 batch = self._take(self.max_batch_size)
         return batch
 
-    def _stack_and_run(self, model: M, xs: list[np.ndarray]) -> np.ndarray:
+    def _stack_and_run(self, model: M, xs: list[np.ndarray], alone: bool) -> np.ndarray:
         # Stacked on the inference thread: 32 images at 224x224 are a 19 MB copy (ms), too long for the loop.
-        return self.run(model, np.stack(xs))  # (N, C, H, W)
+        return self.run(model, np.stack(xs), alone)  # (N, C, H, W)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -213,11 +236,15 @@ class MicroBatcher(Generic[M]):
             if self.on_depth is not None:
                 self.on_depth(self.depth)
             if not batch:
+                self._publish()  # what it dropped was cancelled
                 continue
             model = batch[0].model
+            self._running = len(batch)
+            alone = self._alone()
             start = time.perf_counter()
             try:
-                logits = await loop.run_in_executor(self.executor, self._stack_and_run, model, [it.x for it in batch])
+                logits = await loop.run_in_executor(self.executor, self._stack_and_run, model, [it.x for it in batch],
+                                                    alone)
             except asyncio.CancelledError:
                 for it in batch:
                     if not it.future.done():
@@ -230,6 +257,9 @@ class MicroBatcher(Generic[M]):
                         err.__cause__ = e
                         it.future.set_exception(err)
                 continue
+            finally:
+                self._running = 0
+                self._publish()
             infer_s = time.perf_counter() - start
             self.drain.add(len(batch), infer_s, start + infer_s)
             if self.on_batch is not None:

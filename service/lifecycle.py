@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from service import metrics
+from service.activity import Activity
 from service.batching import MicroBatcher
 from service.core import ServiceState
 from service.errors import ReloadFailed
@@ -90,9 +91,11 @@ async def _start_grpc(state: ServiceState, version: str):
     return server
 
 
-def lifespan(settings: Settings, load_model: Callable[[Settings], Model], supervised: bool = False):
+def lifespan(settings: Settings, load_model: Callable[[Settings], Model], supervised: bool = False,
+             activity: Activity | None = None):
     """The ASGI lifespan: ``app.state.service`` holds the ``ServiceState`` while the app runs. ``supervised``: a
-    worker of ``service.supervisor``, whose socket listens only once the lifespan has started."""
+    worker of ``service.supervisor``, whose socket listens only once the lifespan has started; ``activity``: the
+    workers' record of who holds images, into which this one's batcher writes."""
 
     @asynccontextmanager
     async def run(app) -> AsyncIterator[None]:
@@ -101,9 +104,9 @@ def lifespan(settings: Settings, load_model: Callable[[Settings], Model], superv
         _drain_on_stop_signals(state)
         undo_sighup = _reload_on_sighup(state)
         batcher: MicroBatcher = MicroBatcher(
-            lambda model, x: model.run(x), state.infer_pool, settings.max_batch_size,
+            lambda model, x, alone: model.run(x, alone), state.infer_pool, settings.max_batch_size,
             settings.max_batch_delay_ms / 1000, settings.max_queue, metrics.observe_batch, metrics.QUEUE_DEPTH.set,
-            max_wait_s=settings.max_queue_wait_ms / 1000,
+            max_wait_s=settings.max_queue_wait_ms / 1000, activity=activity,
         )
         batcher.start()
         state.batcher = batcher

@@ -51,11 +51,33 @@ def providers(settings: Settings) -> list:
     return [cuda, CPU] if CUDA in ort.get_available_providers() else [CPU]
 
 
+def session_options(settings: Settings, spinning: str) -> ort.SessionOptions:
+    """Threads and spinning for one session: ``spinning`` off, in_run or on (onnxruntime's default)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = settings.effective_intra_op_threads
+    options.inter_op_num_threads = 1
+    # Spinning between runs is onnxruntime's default
+    # (docs/throughput.md#spinning-within-a-run-2026-12-03-afternoon).
+    if spinning == "off":
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    elif spinning == "in_run":
+        # onnxruntime_session_options_config_keys.h: the pool stops spinning as soon as the last concurrent
+        # Run() returns, and spins again on the next.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    return options
+
+
 class Model:
     """One loaded model: its spec and its session. ``run`` is thread-safe (onnxruntime sessions are)."""
 
-    def __init__(self, spec: ModelSpec, session: ort.InferenceSession, io_binding: bool = False) -> None:
+    def __init__(self, spec: ModelSpec, session: ort.InferenceSession, io_binding: bool = False,
+                 lone_session: ort.InferenceSession | None = None) -> None:
         self.spec, self.session = spec, session
+        # RESNET_ORT_SPINNING=alone: the same model in a session that spins through its runs, for a batch that is
+        # all the work on the machine (service.activity); ``session`` sleeps between parallel sections.
+        self.lone_session = lone_session
         self.provider = session.get_providers()[0]
         self.io_binding = io_binding
 
@@ -68,21 +90,11 @@ class Model:
             raise ModelLoadError(f"model file not found: {path}") from e
         except OSError as e:
             raise ModelLoadError(f"cannot read model file {path}: {e.strerror}") from e
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = settings.effective_intra_op_threads
-        options.inter_op_num_threads = 1
-        # Spinning between runs is onnxruntime's default
-        # (docs/throughput.md#spinning-within-a-run-2026-12-03-afternoon).
-        if settings.ort_spinning == "off":
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        elif settings.ort_spinning == "in_run":
-            # onnxruntime_session_options_config_keys.h: the pool stops spinning as soon as the last concurrent
-            # Run() returns, and spins again on the next.
-            options.add_session_config_entry("session.force_spinning_stop", "1")
+        spinning = settings.ort_spinning
         try:
-            session = ort.InferenceSession(blob, sess_options=options, providers=providers(settings))
+            session = ort.InferenceSession(blob, sess_options=session_options(settings, "off" if spinning == "alone"
+                                                                               else spinning),
+                                           providers=providers(settings))
         except Exception as e:  # onnxruntime raises its own exception types for corrupt or unsupported files
             raise ModelLoadError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:300]}") from e
         # Decide from what the session really uses, never from get_available_providers()/get_device(),
@@ -95,30 +107,36 @@ class Model:
             )
         spec = read_spec(session, path, hashlib.sha256(blob).hexdigest(), settings.model_name)
         io_binding = settings.io_binding == "on" or (settings.io_binding == "auto" and effective == CUDA)
-        model = cls(spec, session, io_binding)
+        # Spinning is a choice for onnxruntime's CPU threads: on CUDA they only run the few nodes left to the CPU.
+        lone = (ort.InferenceSession(blob, sess_options=session_options(settings, "in_run"), providers=[CPU])
+                if spinning == "alone" and effective == CPU else None)
+        model = cls(spec, session, io_binding, lone)
         log.info("loaded %s version %s from %s on %s", spec.name, spec.version, path, effective)
         return model
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """x: (N, C, H, W) in the model's input dtype (``spec.input_dtype``) -> logits (N, classes) float32."""
+    def run(self, x: np.ndarray, alone: bool = False) -> np.ndarray:
+        """x: (N, C, H, W) in the model's input dtype (``spec.input_dtype``) -> logits (N, classes) float32.
+        ``alone``: nothing else runs on the machine meanwhile (the lone session, where there is one)."""
+        session = self.lone_session if alone and self.lone_session is not None else self.session
         if not self.io_binding:
-            return self.session.run([self.spec.output_name], {self.spec.input_name: x})[0]
+            return session.run([self.spec.output_name], {self.spec.input_name: x})[0]
         # IO binding: onnxruntime copies the input to the device once and writes the logits straight
         # into host memory, instead of staging both through its own per-run buffers.
-        binding = self.session.io_binding()
+        binding = session.io_binding()
         binding.bind_cpu_input(self.spec.input_name, np.ascontiguousarray(x))
         binding.bind_output(self.spec.output_name, "cpu")
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
     def warm_up(self, max_batch_size: int) -> None:
-        """Run every batch size the batcher can send, so the first real request meets no cold path
-        (allocations, and on CUDA, cuDNN's per-shape algorithm choice)."""
+        """Run every batch size the batcher can send, on every session, so the first real request meets no cold
+        path (allocations, and on CUDA, cuDNN's per-shape algorithm choice)."""
         h, w = self.spec.input_size
-        for n in range(1, max_batch_size + 1):
-            out = self.run(np.zeros((n, self.spec.channels, h, w), self.spec.input_dtype))
-            if out.shape != (n, len(self.spec.labels)) or not np.isfinite(out).all():
-                raise ModelLoadError(f"warm-up at batch {n} gave shape {out.shape} or non-finite logits")
+        for alone in (False, True) if self.lone_session is not None else (False,):
+            for n in range(1, max_batch_size + 1):
+                out = self.run(np.zeros((n, self.spec.channels, h, w), self.spec.input_dtype), alone)
+                if out.shape != (n, len(self.spec.labels)) or not np.isfinite(out).all():
+                    raise ModelLoadError(f"warm-up at batch {n} gave shape {out.shape} or non-finite logits")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

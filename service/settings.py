@@ -58,9 +58,10 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads per inference (0 = usable cores)")
     # Off by default: spinning threads, even only during runs, took CPU the event loops needed under load; in_run
     # serves a lone client faster (docs/throughput.md#spinning-within-a-run-2026-12-03-afternoon).
-    ort_spinning: Literal["off", "in_run", "on"] = Field(
+    ort_spinning: Literal["off", "in_run", "on", "alone"] = Field(
         "off", description="onnxruntime's threads spin while waiting for work: off; in_run: only during a "
-        "session.run, stopped when it returns; on: also between runs (onnxruntime's default)"
+        "session.run, stopped when it returns; on: also between runs (onnxruntime's default); alone: in_run for a "
+        "batch that is all the work on the machine, off otherwise (a second session of the model)"
     )
     cuda_device_id: int = Field(0, ge=0)
     # Off: TF32 moves float32 answers away from the CPU's (docs/throughput.md#on-a-gpu).
@@ -127,7 +128,7 @@ class Settings(BaseSettings):
     @classmethod
     def _spinning_from_a_boolean(cls, v: object) -> object:
         # The setting was a boolean before in_run: what pydantic reads as true or false keeps its meaning.
-        if v in ("off", "in_run", "on"):
+        if v in ("off", "in_run", "on", "alone"):
             return v
         try:
             return "on" if BOOLEAN.validate_python(v) else "off"

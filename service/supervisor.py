@@ -27,6 +27,7 @@ import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from service.activity import Activity
 from service.balance import ConnectionShares
 from service.settings import Settings
 
@@ -47,9 +48,10 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_worker(settings: Settings, index: int, statistics: Path, shares: Path) -> None:
+def run_worker(settings: Settings, index: int, statistics: Path, shares: Path, activity: Path) -> None:
     """A worker process: the whole service on its own SO_REUSEPORT socket, counting its inference statistics into
-    row ``index`` of the shared file ``statistics`` and its connections into cell ``index`` of ``shares``."""
+    row ``index`` of the shared file ``statistics``, its connections into cell ``index`` of ``shares`` and the
+    images it holds into cell ``index`` of ``activity``."""
     from service import metrics
     from service.__main__ import configure_logging, run_server
 
@@ -57,7 +59,8 @@ def run_worker(settings: Settings, index: int, statistics: Path, shares: Path) -
     metrics.STATISTICS.attach(statistics, index)
     os.environ["RESNET_WORKER_INDEX"] = str(index)
     sock = reuseport_socket(settings.host, settings.port)
-    run_server(settings, sockets=[sock], supervised=True, shares=ConnectionShares(shares, index))
+    run_server(settings, sockets=[sock], supervised=True, shares=ConnectionShares(shares, index),
+               activity=Activity(activity, index))
 
 
 class Supervisor:
@@ -71,8 +74,8 @@ class Supervisor:
         self.reload_requested = False
 
     def spawn(self, index: int) -> None:
-        proc = self.context.Process(target=run_worker, args=(self.settings, index, self.statistics, self.shares_path),
-                                    name=f"worker-{index}")
+        args = (self.settings, index, self.statistics, self.shares_path, self.activity_path)
+        proc = self.context.Process(target=run_worker, args=args, name=f"worker-{index}")
         proc.start()
         self.workers[index], self.started[index] = proc, time.monotonic()
         log.info("worker %d started (pid %d)", index, proc.pid)
@@ -89,6 +92,8 @@ class Supervisor:
         InferenceStatistics.create(self.statistics, self.settings.effective_workers)
         self.shares_path = Path(metrics_dir) / f"connection-shares-{os.getpid()}.bin"
         ConnectionShares.create(self.shares_path, self.settings.effective_workers)
+        self.activity_path = Path(metrics_dir) / f"activity-{os.getpid()}.bin"
+        Activity.create(self.activity_path, self.settings.effective_workers)
         previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             # Fail early, with the supervisor's own message, when the port cannot be had at all.
@@ -132,6 +137,7 @@ class Supervisor:
             self.failures[index] = 0 if lived > STABLE_AFTER_S else self.failures.get(index, 0) + 1
             multiprocess.mark_process_dead(proc.pid)
             ConnectionShares.vacate(self.shares_path, index)  # its connections are gone with it
+            Activity.vacate(self.activity_path, index)
             delay = RESTART_BACKOFF_S[min(self.failures[index], len(RESTART_BACKOFF_S) - 1)]
             log.error("worker %d (pid %d) exited with %s after %.1f s; restarting in %.0f s", index, proc.pid,
                       proc.exitcode, lived, delay)

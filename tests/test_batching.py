@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bench.harness import wait_ready
+from service.activity import NO_WORKER, Activity
 from service.app import create_app
 from service.batching import MicroBatcher
 from service.errors import InferenceFailed, QueueFull
@@ -30,10 +31,12 @@ class Recorder:
 
     def __init__(self, delay: float = 0.0, fail_on: int | None = None) -> None:
         self.sizes: list[int] = []
+        self.alone: list[bool] = []  # per batch: run as all the work on the machine
         self.delay, self.fail_on = delay, fail_on
 
-    def __call__(self, model: object, x: np.ndarray) -> np.ndarray:
+    def __call__(self, model: object, x: np.ndarray, alone: bool) -> np.ndarray:
         self.sizes.append(len(x))
+        self.alone.append(alone)
         time.sleep(self.delay)
         if self.fail_on is not None and len(self.sizes) == self.fail_on:
             raise RuntimeError("injected")
@@ -80,6 +83,59 @@ def test_batcher_lone_request_is_not_delayed():
 
     # Nothing else was on its way, so no waiting for the 10 s delay; the bound leaves a shared machine 2.5 s.
     assert run_async(main()) < 2.5
+
+
+@pytest.mark.parametrize(
+    ("requests", "max_batch_size", "other_worker_images", "alone"),
+    [
+        pytest.param(1, 32, 0, [True], id="lone-request"),
+        pytest.param(1, 32, 3, [False], id="another-worker-busy"),
+        pytest.param(1, 32, NO_WORKER, [True], id="another-worker-dead"),
+        pytest.param(3, 32, 0, [True], id="one-batch-holds-all"),
+        pytest.param(6, 4, 0, [False, True], id="the-first-of-two-batches-leaves-work"),
+    ],
+)
+def test_batcher_runs_alone_only_batches_that_are_all_the_work(tmp_path, requests, max_batch_size,
+                                                                other_worker_images, alone):
+    Activity.create(tmp_path / "activity.bin", 2)
+    Activity(tmp_path / "activity.bin", 1).publish(other_worker_images)
+    mine = Activity(tmp_path / "activity.bin", 0)
+
+    async def main() -> tuple[list[bool], list[int]]:
+        rec = Recorder(delay=0.02)
+        batcher = MicroBatcher(rec, ThreadPoolExecutor(1), max_batch_size=max_batch_size, max_delay_s=0.05,
+                               max_queue=100, activity=mine)
+        batcher.start()
+        held, answered = [], asyncio.Event()
+
+        async def watch() -> None:  # what this worker publishes while its batches run
+            while not answered.is_set():
+                held.append(mine.cells[0])
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.ensure_future(watch())
+        await submit_many(batcher, [1.0] * requests)
+        answered.set()
+        await watcher
+        await batcher.stop()
+        return rec.alone, held
+
+    ran_alone, held = run_async(main())
+    assert ran_alone == alone
+    assert max(held) == requests  # every image it held was published, for the other workers to see
+    assert mine.cells[0] == 0  # and none once answered
+
+
+def test_activity_shows_other_workers_images_until_a_dead_one_is_vacated(tmp_path):
+    path = tmp_path / "activity.bin"
+    Activity.create(path, 3)
+    first, second = Activity(path, 0), Activity(path, 1)
+    assert first.others_idle() and second.others_idle()
+    second.publish(5)
+    assert not first.others_idle() and second.others_idle()  # its own images are not another worker's
+    Activity.vacate(path, 1)  # the supervisor's call when worker 1 dies
+    assert first.others_idle()
+    assert Activity().others_idle()  # one worker, no file: no other worker
 
 
 def test_batcher_never_mixes_models_in_one_batch():
@@ -230,10 +286,10 @@ def test_full_queue_answers_429_with_retry_after(live_server):
 
 
 class SlowModel(Model):
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray, alone: bool = False) -> np.ndarray:
         if getattr(self, "slow", False):
             time.sleep(0.3)
-        return super().run(x)
+        return super().run(x, alone)
 
 
 def test_request_past_deadline_gets_504_and_its_work_is_dropped(default_model):
@@ -262,16 +318,16 @@ class FailsSecondBatch(Model):
 
     calls = 0
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray, alone: bool = False) -> np.ndarray:
         if not getattr(self, "armed", False):
-            return super().run(x)
+            return super().run(x, alone)
         FailsSecondBatch.calls += 1
         if FailsSecondBatch.calls == 1:
             time.sleep(0.5)
         elif FailsSecondBatch.calls == 2:
             self.failed_batch = len(x)
             raise RuntimeError("injected onnxruntime failure")
-        return super().run(x)
+        return super().run(x, alone)
 
 
 def test_failed_batch_fails_each_of_its_requests_with_500_then_serves(default_model):
@@ -335,11 +391,11 @@ def test_drain_rate_counts_only_the_recent_window():
 class GatedModel(Model):
     """Holds each batch until ``gate`` is set, once ``gated`` is on (after warm-up)."""
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray, alone: bool = False) -> np.ndarray:
         if getattr(self, "gated", False):
             self.entered.set()
             assert self.gate.wait(30), "the test never opened the gate"
-        return super().run(x)
+        return super().run(x, alone)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from PIL import Image
 
 from bench.harness import wait_ready
 from service.app import create_app
+from service.preprocessing import Preprocessor
 from service.runtime import Model
 from service.settings import Settings
 from tests.conftest import ROOT, loading_after, loading_as
@@ -371,11 +372,11 @@ def test_unexpected_failure_gives_500_with_logged_error_id_then_serves(settings,
     class FailsOnce(Model):
         failures = 0
 
-        def run(self, x):
+        def run(self, x, alone=False):
             if x.shape[0] == 1 and FailsOnce.failures == 0 and getattr(self, "warm", False):
                 FailsOnce.failures += 1
                 raise RuntimeError("injected onnxruntime failure")
-            return super().run(x)
+            return super().run(x, alone)
 
     load = loading_as(FailsOnce)
 
@@ -474,6 +475,7 @@ def test_providers_follow_device_and_tf32_settings(settings, names, tf32):
         pytest.param("in_run", "in_run", id="in-run"),
         pytest.param("off", "off", id="off"),
         pytest.param("on", "on", id="on"),
+        pytest.param("alone", "alone", id="alone"),
         # the setting's values from when it was a boolean keep their meaning
         pytest.param("true", "on", id="true"),
         pytest.param("FALSE", "off", id="false"),
@@ -498,6 +500,8 @@ def process_cpu_s() -> float:
         pytest.param("off", {"session.intra_op.allow_spinning": "0"}, False, id="off"),
         pytest.param("in_run", {"session.force_spinning_stop": "1"}, False, id="in-run"),
         pytest.param("on", {}, True, id="on"),
+        # the session for batches that share the machine; the lone session is the next test's
+        pytest.param("alone", {"session.intra_op.allow_spinning": "0"}, False, id="alone"),
     ],
 )
 def test_load_spins_onnxruntime_threads_as_set(settings, spinning, entries, spins_when_idle):
@@ -518,6 +522,30 @@ def test_load_spins_onnxruntime_threads_as_set(settings, spinning, entries, spin
         assert idle_cpu > 0.015, idle_cpu
     else:
         assert idle_cpu < 0.01, idle_cpu
+
+
+@pytest.mark.parametrize(
+    ("spinning", "lone"),
+    [
+        pytest.param("alone", True, id="alone"),
+        pytest.param("off", False, id="off"),
+        pytest.param("in_run", False, id="in-run"),
+    ],
+)
+def test_load_keeps_a_spinning_session_for_lone_batches_only_when_alone(settings, spinning, lone):
+    model = Model.load(settings.model_copy(update={"ort_spinning": spinning, "intra_op_threads": 2}))
+    assert (model.lone_session is not None) == lone
+    pre = Preprocessor(model.spec, settings.max_image_pixels)
+    x = np.stack([pre(png(img)).x for img, _ in one_per_class()[:3]])
+    assert np.array_equal(model.run(x, alone=True), model.run(x))  # the same model, whichever session runs it
+    if lone:
+        options = model.lone_session.get_session_options()
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        time.sleep(0.1)
+        model.run(x, alone=True)
+        before = process_cpu_s()
+        time.sleep(0.2)
+        assert process_cpu_s() - before < 0.01  # spinning within the run only: idle once it returned
 
 
 @pytest.mark.parametrize(

@@ -374,11 +374,11 @@ def test_infer_unexpected_failure_gives_500_with_logged_error_id_then_serves(def
     class FailsOnce(Model):
         armed = False
 
-        def run(self, x):
+        def run(self, x, alone=False):
             if FailsOnce.armed:
                 FailsOnce.armed = False
                 raise RuntimeError("injected onnxruntime failure")
-            return super().run(x)
+            return super().run(x, alone)
 
     load = loading_as(FailsOnce)
 
