@@ -13,7 +13,7 @@ import onnxruntime as ort
 import contract
 from contract import ModelSpec
 from service.errors import ModelLoadError
-from service.settings import Settings
+from service.settings import Settings, usable_cores
 
 log = logging.getLogger("service")
 
@@ -51,11 +51,12 @@ def providers(settings: Settings) -> list:
     return [cuda, CPU] if CUDA in ort.get_available_providers() else [CPU]
 
 
-def session_options(settings: Settings, spinning: str) -> ort.SessionOptions:
-    """Threads and spinning for one session: ``spinning`` off, in_run or on (onnxruntime's default)."""
+def session_options(threads: int, spinning: str) -> ort.SessionOptions:
+    """``threads`` for one session's parallel sections, spinning ``off``, ``in_run`` or ``on`` (onnxruntime's
+    default) while they wait for work."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = settings.effective_intra_op_threads
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     # Spinning between runs is onnxruntime's default
     # (docs/throughput.md#spinning-within-a-run-2026-12-03-afternoon).
@@ -92,9 +93,8 @@ class Model:
             raise ModelLoadError(f"cannot read model file {path}: {e.strerror}") from e
         spinning = settings.ort_spinning
         try:
-            session = ort.InferenceSession(blob, sess_options=session_options(settings, "off" if spinning == "alone"
-                                                                               else spinning),
-                                           providers=providers(settings))
+            options = session_options(settings.effective_intra_op_threads, "off" if spinning == "alone" else spinning)
+            session = ort.InferenceSession(blob, sess_options=options, providers=providers(settings))
         except Exception as e:  # onnxruntime raises its own exception types for corrupt or unsupported files
             raise ModelLoadError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:300]}") from e
         # Decide from what the session really uses, never from get_available_providers()/get_device(),
@@ -108,7 +108,8 @@ class Model:
         spec = read_spec(session, path, hashlib.sha256(blob).hexdigest(), settings.model_name)
         io_binding = settings.io_binding == "on" or (settings.io_binding == "auto" and effective == CUDA)
         # Spinning is a choice for onnxruntime's CPU threads: on CUDA they only run the few nodes left to the CPU.
-        lone = (ort.InferenceSession(blob, sess_options=session_options(settings, "in_run"), providers=[CPU])
+        # A lone batch has the machine to itself: every usable core, whatever the shared session's share.
+        lone = (ort.InferenceSession(blob, sess_options=session_options(usable_cores(), "in_run"), providers=[CPU])
                 if spinning == "alone" and effective == CPU else None)
         model = cls(spec, session, io_binding, lone)
         log.info("loaded %s version %s from %s on %s", spec.name, spec.version, path, effective)

@@ -533,14 +533,18 @@ def test_load_spins_onnxruntime_threads_as_set(settings, spinning, entries, spin
     ],
 )
 def test_load_keeps_a_spinning_session_for_lone_batches_only_when_alone(settings, spinning, lone):
-    model = Model.load(settings.model_copy(update={"ort_spinning": spinning, "intra_op_threads": 2}))
+    from service.settings import usable_cores
+
+    model = Model.load(settings.model_copy(update={"ort_spinning": spinning, "intra_op_threads": 1}))
     assert (model.lone_session is not None) == lone
+    assert model.session.get_session_options().intra_op_num_threads == 1
     pre = Preprocessor(model.spec, settings.max_image_pixels)
     x = np.stack([pre(png(img)).x for img, _ in one_per_class()[:3]])
     assert np.array_equal(model.run(x, alone=True), model.run(x))  # the same model, whichever session runs it
     if lone:
         options = model.lone_session.get_session_options()
         assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        assert options.intra_op_num_threads == usable_cores()  # a lone batch has every core, whatever the share
         time.sleep(0.1)
         model.run(x, alone=True)
         before = process_cpu_s()
