@@ -55,11 +55,13 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA if it really works, else CPU; cuda: never ready without CUDA; cpu"
     )
-    intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads per inference (0 = usable cores)")
-    # Off by default: spinning threads, even only during runs, took CPU the event loops needed under load; in_run
-    # serves a lone client faster (docs/throughput.md#spinning-within-a-run-2026-12-03-afternoon).
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads per inference of batches that share "
+                                  "the machine (0 = this worker's share of the usable cores)")
+    # Spinning, even only during runs, took CPU the event loops needed under load, and a sleeping pool made a lone
+    # client wait for its threads to wake: alone does each where it pays
+    # (docs/throughput.md#spinning-for-a-lone-batch-2026-12-04).
     ort_spinning: Literal["off", "in_run", "on", "alone"] = Field(
-        "off", description="onnxruntime's threads spin while waiting for work: off; in_run: only during a "
+        "alone", description="onnxruntime's threads spin while waiting for work: off; in_run: only during a "
         "session.run, stopped when it returns; on: also between runs (onnxruntime's default); alone: in_run for a "
         "batch that is all the work on the machine, off otherwise (a second session of the model)"
     )
@@ -153,7 +155,7 @@ class Settings(BaseSettings):
 
     @property
     def effective_intra_op_threads(self) -> int:
-        return self.intra_op_threads or usable_cores()
+        return self.intra_op_threads or max(1, usable_cores() // self.effective_workers)
 
     @property
     def effective_workers(self) -> int:

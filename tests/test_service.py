@@ -590,17 +590,18 @@ def test_cpu_quota_read_from_the_cgroup(tmp_path, files, cores):
     assert cpu_quota(tmp_path) == cores
 
 
-def test_workers_and_decode_threads_default_to_the_usable_cores(monkeypatch):
+def test_workers_and_threads_default_to_shares_of_the_usable_cores(monkeypatch):
     from service import settings as settings_module
 
     monkeypatch.setattr(settings_module, "usable_cores", lambda: 4)
     default = Settings()
-    assert (default.effective_workers, default.effective_decode_threads) == (4, 1)
-    assert default.effective_intra_op_threads == 4
+    threads = (default.effective_workers, default.effective_decode_threads, default.effective_intra_op_threads)
+    assert threads == (4, 1, 1)
     one = Settings(workers=1)
-    assert (one.effective_workers, one.effective_decode_threads) == (1, 4)
-    assert Settings(workers=3, decode_threads=2).effective_decode_threads == 2
-    assert default.ort_spinning == "off"
+    assert (one.effective_workers, one.effective_decode_threads, one.effective_intra_op_threads) == (1, 4, 4)
+    assert Settings(workers=3, decode_threads=2, intra_op_threads=2).effective_decode_threads == 2
+    assert Settings(workers=3, intra_op_threads=2).effective_intra_op_threads == 2
+    assert default.ort_spinning == "alone"
 
 
 def test_image_fixture_is_a_real_digit():
