@@ -108,9 +108,11 @@ class Model:
         spec = read_spec(session, path, hashlib.sha256(blob).hexdigest(), settings.model_name)
         io_binding = settings.io_binding == "on" or (settings.io_binding == "auto" and effective == CUDA)
         # Spinning is a choice for onnxruntime's CPU threads: on CUDA they only run the few nodes left to the CPU.
-        # A lone batch has the machine to itself: every usable core, whatever the shared session's share.
-        lone = (ort.InferenceSession(blob, sess_options=session_options(usable_cores(), "in_run"), providers=[CPU])
-                if spinning == "alone" and effective == CPU else None)
+        # A lone batch has the machine to itself: every usable core, whatever the shared session's share (on one
+        # core there is no pool to spin, and no second session to keep).
+        cores = usable_cores()
+        lone = (ort.InferenceSession(blob, sess_options=session_options(cores, "in_run"), providers=[CPU])
+                if spinning == "alone" and effective == CPU and cores > 1 else None)
         model = cls(spec, session, io_binding, lone)
         log.info("loaded %s version %s from %s on %s", spec.name, spec.version, path, effective)
         return model

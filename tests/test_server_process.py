@@ -255,6 +255,39 @@ def test_worker_killed_is_replaced_while_the_others_keep_serving(tmp_path):
     assert code == 0, server.log_tail()
 
 
+def test_workers_publish_the_images_they_hold_for_the_others(tmp_path):
+    """RESNET_ORT_SPINNING=alone: a worker runs a batch on its spinning session only when no other worker holds an
+    image, which each reads from the cells of the supervisor's activity file (service.activity)."""
+    from service.activity import Activity
+
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    server = start_service({"RESNET_WORKERS": "2", "RESNET_INTRA_OP_THREADS": "1",
+                            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}, tmp_path / "server.log")
+    files = [("files", (f"{i}.png", encode(img, "PNG"), "image/png")) for i, (img, _) in enumerate(one_per_class() * 4)]
+    try:
+        server.wait_ready()
+        assert wait_for(lambda: two_workers(server.proc.pid)), server.log_tail()
+        (path,) = metrics_dir.glob("activity-*.bin")
+        cells = Activity(path, 0).cells
+        held, statuses = [], []
+        for _ in range(20):  # until a request is caught in flight; each holds its 40 images for tens of ms
+            with httpx.Client(timeout=30) as c:
+                sent = threading.Thread(target=lambda c=c: statuses.append(c.post(server.url + "/predict",
+                                                                                  files=files).status_code))
+                sent.start()
+                while sent.is_alive():
+                    held.append(max(cells))
+                sent.join()
+            if max(held) == 40:
+                break
+        assert set(statuses) == {200} and max(held) == 40, (statuses, max(held), server.log_tail())
+        assert wait_for(lambda: list(cells) == [0, 0], 10), list(cells)  # none held once answered
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_tail()
+
+
 def test_statistics_sum_every_workers_requests(tmp_path):
     """Triton's statistics answered by any worker count the images all of them ran (tests/test_v2_extensions.py
     checks the figures themselves)."""

@@ -525,16 +525,18 @@ def test_load_spins_onnxruntime_threads_as_set(settings, spinning, entries, spin
 
 
 @pytest.mark.parametrize(
-    ("spinning", "lone"),
+    ("spinning", "cores", "lone"),
     [
-        pytest.param("alone", True, id="alone"),
-        pytest.param("off", False, id="off"),
-        pytest.param("in_run", False, id="in-run"),
+        pytest.param("alone", 2, True, id="alone"),
+        pytest.param("alone", 1, False, id="alone-on-one-core"),  # no pool to spin
+        pytest.param("off", 2, False, id="off"),
+        pytest.param("in_run", 2, False, id="in-run"),
     ],
 )
-def test_load_keeps_a_spinning_session_for_lone_batches_only_when_alone(settings, spinning, lone):
-    from service.settings import usable_cores
+def test_load_keeps_a_spinning_session_for_lone_batches_only_when_alone(monkeypatch, settings, spinning, cores, lone):
+    from service import runtime
 
+    monkeypatch.setattr(runtime, "usable_cores", lambda: cores)
     model = Model.load(settings.model_copy(update={"ort_spinning": spinning, "intra_op_threads": 1}))
     assert (model.lone_session is not None) == lone
     assert model.session.get_session_options().intra_op_num_threads == 1
@@ -544,7 +546,7 @@ def test_load_keeps_a_spinning_session_for_lone_batches_only_when_alone(settings
     if lone:
         options = model.lone_session.get_session_options()
         assert options.get_session_config_entry("session.force_spinning_stop") == "1"
-        assert options.intra_op_num_threads == usable_cores()  # a lone batch has every core, whatever the share
+        assert options.intra_op_num_threads == cores  # a lone batch has every core, whatever the share
         time.sleep(0.1)
         model.run(x, alone=True)
         before = process_cpu_s()
