@@ -8,37 +8,24 @@ between its parallel sections; when other work shares the cores, the spinning ta
 
 from __future__ import annotations
 
-import mmap
-import struct
 from pathlib import Path
+
+from service.cells import WorkerCells
 
 NO_WORKER = -1  # a dead worker's cell until it is replaced: no work
 
 
-class Activity:
-    """One int64 a worker: the images its batcher holds. Each worker writes only its own cell, from its event loop;
-    an aligned 8-byte store is atomic on the CPUs we run on, and a read a moment stale costs one batch the other
-    session. Without a file (one worker, no supervisor) there is no other worker to ask."""
+class Activity(WorkerCells):
+    """A worker's cell: the images its batcher holds; a read a moment stale costs one batch the other session.
+    Without a file (one worker, no supervisor) there is no other worker to ask."""
+
+    VACANT = NO_WORKER
 
     def __init__(self, path: Path | None = None, index: int = 0) -> None:
-        self.index = index
-        if path is None:
-            self.cells = memoryview(bytearray(8)).cast("q")
-            return
-        with open(path, "r+b") as f:
-            self.map = mmap.mmap(f.fileno(), 0)
-        self.cells = memoryview(self.map).cast("q")
-
-    @staticmethod
-    def create(path: Path, workers: int) -> None:
-        path.write_bytes(struct.pack(f"{workers}q", *[0] * workers))
-
-    @staticmethod
-    def vacate(path: Path, index: int) -> None:
-        """Worker ``index`` died (the supervisor's call): the images it held are gone with it."""
-        with open(path, "r+b") as f:
-            f.seek(8 * index)
-            f.write(struct.pack("q", NO_WORKER))
+        if path is not None:
+            super().__init__(path, index)
+        else:
+            self.cells, self.index = memoryview(bytearray(8)).cast("q"), 0
 
     def publish(self, images: int) -> None:
         self.cells[self.index] = images

@@ -10,29 +10,23 @@ one, which the kernel hashes anew, until no worker holds more than ceil(connecti
 
 from __future__ import annotations
 
-import mmap
-import struct
 from pathlib import Path
+
+from service.cells import WorkerCells
 
 NOT_LISTENING = -1  # a worker still loading its model, draining, or dead and not yet replaced: no share to take
 
 
-class ConnectionShares:
-    """One int64 a worker in a file all of them map: its open connections that are staying, or ``NOT_LISTENING``.
-    Each worker writes only its own cell, from its event loop; an aligned 8-byte store is atomic on the CPUs we
-    run on, and a read a moment stale only delays a close to the next request."""
+class ConnectionShares(WorkerCells):
+    """A worker's cell: its open connections that are staying, or ``NOT_LISTENING``; a read a moment stale only
+    delays a close to the next request."""
+
+    INITIAL = VACANT = NOT_LISTENING
 
     def __init__(self, path: Path, index: int) -> None:
-        with open(path, "r+b") as f:
-            self.map = mmap.mmap(f.fileno(), 0)
-        self.cells = memoryview(self.map).cast("q")
-        self.index = index
+        super().__init__(path, index)
         self.leaving = 0  # this worker's connections told to close that are still open
         self.listening = False
-
-    @staticmethod
-    def create(path: Path, workers: int) -> None:
-        path.write_bytes(struct.pack(f"{workers}q", *[NOT_LISTENING] * workers))
 
     def listen(self, connections: int) -> None:
         self.listening = True
@@ -45,13 +39,6 @@ class ConnectionShares:
     def stop_listening(self) -> None:
         self.listening = False
         self.cells[self.index] = NOT_LISTENING
-
-    @staticmethod
-    def vacate(path: Path, index: int) -> None:
-        """Worker ``index`` died (the supervisor's call): the count it left behind is no share."""
-        with open(path, "r+b") as f:
-            f.seek(8 * index)
-            f.write(struct.pack("q", NOT_LISTENING))
 
     def over_share(self) -> bool:
         """This worker holds more connections than ceil(all of them / the workers listening)."""

@@ -16,10 +16,11 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 
+from service.activity import Activity
 from service.errors import InferenceFailed, ModelNotReady, QueueFull
 
 M = TypeVar("M")  # the model a batch ran on, so a response can name the version that answered
@@ -99,14 +100,6 @@ class DrainRate:
     def per_second(self) -> float | None:
         """None until a batch has run: no rate is known, so nothing is refused on time."""
         return self._images / self._seconds if self._batches and self._seconds > 0 else None
-
-
-class Activity(Protocol):
-    """The workers' shared record of who holds images (``service.activity.Activity``)."""
-
-    def publish(self, images: int) -> None: ...
-
-    def others_idle(self) -> bool: ...
 
 
 class MicroBatcher(Generic[M]):
