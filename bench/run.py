@@ -55,6 +55,8 @@ VARIANTS = {"batching_off": {"RESNET_MAX_BATCH_SIZE": "1"},
             "batching_on_alone": {"RESNET_ORT_SPINNING": "alone"},
             # ...with one onnxruntime thread a worker for the batches that share the machine.
             "batching_on_alone_t1": {"RESNET_ORT_SPINNING": "alone", "RESNET_INTRA_OP_THREADS": "1"},
+            # Every batch handed to the inference thread, a lone one too (RESNET_INLINE_RUN_MS=2 runs it on the loop).
+            "batching_on_noinline": {"RESNET_INLINE_RUN_MS": "0"},
             # Two processes, each with an onnxruntime pool of every core that sleeps instead of spinning when idle.
             "batching_on_w2_t2": {"RESNET_WORKERS": "2", "RESNET_DECODE_THREADS": "1", "RESNET_ORT_SPINNING": "off"},
             # The event loop's priority over decoding and inference (RESNET_COMPUTE_NICE, 6 by default), under overload.

@@ -5,7 +5,9 @@ server nothing. A batch is dispatched as soon as it is full, or when nothing mor
 reserved image is still decoding: a lone client pays no delay), or after ``max_delay_s`` at most.
 Triton's dynamic batcher works the same way (max_queue_delay_microseconds, preferred sizes). A batch that is all
 the work on the machine (nothing else queued or decoding here, no other worker holding images: ``activity``) is run
-as ``alone``, which the model may run differently (``service.runtime.Model.run``).
+as ``alone``, which the model may run differently (``service.runtime.Model.run``), and, when it should take less
+than ``inline_s`` at the last batch's time per image, on the event loop's own thread: the loop has nothing else to do
+meanwhile, and the two thread hops to the executor and back cost a small model more than the run.
 """
 
 from __future__ import annotations
@@ -114,12 +116,15 @@ class MicroBatcher(Generic[M]):
         on_depth: Callable[[int], None] | None = None,
         max_wait_s: float = float("inf"),
         activity: Activity | None = None,
+        inline_s: float = 0.0,
     ) -> None:
         self.run, self.executor = run, executor
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
         self.max_wait_s = max_wait_s
         self.on_batch, self.on_depth = on_batch, on_depth
         self.activity = activity  # None: no other worker
+        self.inline_s = inline_s  # 0: every batch runs on the executor
+        self._last_run: tuple[object, float] | None = None  # the model of the last batch, and its seconds per image
         self.drain = DrainRate()
         self._queue: deque[_Item] = deque()
         self._incoming = 0  # images reserved and still being decoded
@@ -164,6 +169,13 @@ class MicroBatcher(Generic[M]):
     def _alone(self) -> bool:
         """The batch about to run is all the work: none left queued or decoding here, none in another worker."""
         return not self._queue and self._incoming == 0 and (self.activity is None or self.activity.others_idle())
+
+    def _short(self, n: int, model: object) -> bool:
+        """A batch of ``n`` images should take less than ``inline_s``, at the time per image of the last batch, if
+        that ran the same model (a reload to a slower one is not run on the loop on the old one's rate)."""
+        if self._last_run is None or self._last_run[0] is not model:
+            return False
+        return n * self._last_run[1] < self.inline_s
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
@@ -219,7 +231,7 @@ class MicroBatcher(Generic[M]):
         return batch
 
     def _stack_and_run(self, model: M, xs: list[np.ndarray], alone: bool) -> np.ndarray:
-        # Stacked on the inference thread: 32 images at 224x224 are a 19 MB copy (ms), too long for the loop.
+        # Stacked where the batch runs: 32 images at 224x224 are a 19 MB copy (ms), too long for the loop but inline.
         return self.run(model, np.stack(xs), alone)  # (N, C, H, W)
 
     async def _loop(self) -> None:
@@ -234,10 +246,13 @@ class MicroBatcher(Generic[M]):
             model = batch[0].model
             self._running = len(batch)
             alone = self._alone()
+            xs = [it.x for it in batch]
             start = time.perf_counter()
             try:
-                logits = await loop.run_in_executor(self.executor, self._stack_and_run, model, [it.x for it in batch],
-                                                    alone)
+                if alone and self._short(len(batch), model):
+                    logits = self._stack_and_run(model, xs, alone)
+                else:
+                    logits = await loop.run_in_executor(self.executor, self._stack_and_run, model, xs, alone)
             except asyncio.CancelledError:
                 for it in batch:
                     if not it.future.done():
@@ -254,6 +269,7 @@ class MicroBatcher(Generic[M]):
                 self._running = 0
                 self._publish()
             infer_s = time.perf_counter() - start
+            self._last_run = (model, infer_s / len(batch))
             self.drain.add(len(batch), infer_s, start + infer_s)
             if self.on_batch is not None:
                 self.on_batch(len(batch), infer_s)

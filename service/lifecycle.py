@@ -106,7 +106,7 @@ def lifespan(settings: Settings, load_model: Callable[[Settings], Model], superv
         batcher: MicroBatcher = MicroBatcher(
             lambda model, x, alone: model.run(x, alone), state.infer_pool, settings.max_batch_size,
             settings.max_batch_delay_ms / 1000, settings.max_queue, metrics.observe_batch, metrics.QUEUE_DEPTH.set,
-            max_wait_s=settings.max_queue_wait_ms / 1000, activity=activity,
+            max_wait_s=settings.max_queue_wait_ms / 1000, activity=activity, inline_s=settings.inline_run_ms / 1000,
         )
         batcher.start()
         state.batcher = batcher

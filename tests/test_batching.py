@@ -4,6 +4,7 @@ health under load, 429 backpressure, 504 deadlines)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,11 +33,13 @@ class Recorder:
     def __init__(self, delay: float = 0.0, fail_on: int | None = None) -> None:
         self.sizes: list[int] = []
         self.alone: list[bool] = []  # per batch: run as all the work on the machine
+        self.threads: list[int] = []  # per batch: the thread it ran on
         self.delay, self.fail_on = delay, fail_on
 
     def __call__(self, model: object, x: np.ndarray, alone: bool) -> np.ndarray:
         self.sizes.append(len(x))
         self.alone.append(alone)
+        self.threads.append(threading.get_ident())
         time.sleep(self.delay)
         if self.fail_on is not None and len(self.sizes) == self.fail_on:
             raise RuntimeError("injected")
@@ -124,6 +127,35 @@ def test_batcher_runs_alone_only_batches_that_are_all_the_work(tmp_path, request
     assert ran_alone == alone
     assert max(held) == requests  # every image it held was published, for the other workers to see
     assert mine.cells[0] == 0  # and none once answered
+
+
+@pytest.mark.parametrize(
+    ("inline_s", "delay", "other_worker_images", "models", "on_loop"),
+    [
+        pytest.param(0.002, 0.0, 0, ["m", "m", "m"], [False, True, True], id="short-lone-batches-after-the-first"),
+        pytest.param(0.002, 0.01, 0, ["m", "m", "m"], [False, False, False], id="batches-longer-than-the-limit"),
+        pytest.param(0.002, 0.0, 3, ["m", "m", "m"], [False, False, False], id="another-worker-busy"),
+        pytest.param(0.0, 0.0, 0, ["m", "m", "m"], [False, False, False], id="off"),
+        pytest.param(0.002, 0.0, 0, ["old", "new", "new"], [False, False, True], id="a-reloaded-model-measured-first"),
+    ],
+)
+def test_batcher_runs_short_lone_batches_on_the_event_loop(tmp_path, inline_s, delay, other_worker_images, models,
+                                                           on_loop):
+    Activity.create(tmp_path / "activity.bin", 2)
+    Activity(tmp_path / "activity.bin", 1).publish(other_worker_images)
+
+    async def main() -> tuple[list[float], list[bool]]:
+        rec = Recorder(delay=delay)
+        batcher = MicroBatcher(rec, ThreadPoolExecutor(1), max_batch_size=32, max_delay_s=0.05, max_queue=100,
+                               activity=Activity(tmp_path / "activity.bin", 0), inline_s=inline_s)
+        batcher.start()
+        got = [(await submit_many(batcher, [float(i)], model))[0] for i, model in enumerate(models)]  # one at a time
+        await batcher.stop()
+        return got, [t == threading.get_ident() for t in rec.threads]
+
+    got, ran_on_loop = run_async(main())
+    assert got == [4.0 * i for i in range(len(models))]  # each 2x2 image of value i sums to 4i, wherever it ran
+    assert ran_on_loop == on_loop
 
 
 def test_activity_shows_other_workers_images_until_a_dead_one_is_vacated(tmp_path):
