@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,25 @@ def session_options(threads: int, spinning: str) -> ort.SessionOptions:
     return options
 
 
+# RESNET_ORT_SPINNING=alone keeps no lone session for a model whose batch of one takes less than this: a thread's
+# wake-up costs as much, so its pool only costs CPU (docs/throughput.md#a-lone-batch-on-the-event-loop-2026-12-04).
+# Far from either side: a graph of a few nodes takes some 10 us, the default resnet20 500-1,000 us.
+LONE_MIN_S = 100e-6
+
+
+def batch_of_one_s(session: ort.InferenceSession, spec: ModelSpec, runs: int = 7) -> float:
+    """The median wall time of a batch of one on ``session``, after two runs to warm it."""
+    h, w = spec.input_size
+    feed = {spec.input_name: np.zeros((1, spec.channels, h, w), spec.input_dtype)}
+    times = []
+    for i in range(runs + 2):
+        start = time.perf_counter()
+        session.run([spec.output_name], feed)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 class Model:
     """One loaded model: its spec and its session. ``run`` is thread-safe (onnxruntime sessions are)."""
 
@@ -111,8 +132,13 @@ class Model:
         # A lone batch has the machine to itself: every usable core, whatever the shared session's share (on one
         # core there is no pool to spin, and no second session to keep).
         cores = usable_cores()
-        lone = (ort.InferenceSession(blob, sess_options=session_options(cores, "in_run"), providers=[CPU])
-                if spinning == "alone" and effective == CPU and cores > 1 else None)
+        lone = None
+        if spinning == "alone" and effective == CPU and cores > 1:
+            if (one_s := batch_of_one_s(session, spec)) < LONE_MIN_S:
+                log.info("no lone session: a batch of one takes %.0f us, too little to share between threads",
+                         one_s * 1e6)
+            else:
+                lone = ort.InferenceSession(blob, sess_options=session_options(cores, "in_run"), providers=[CPU])
         model = cls(spec, session, io_binding, lone)
         log.info("loaded %s version %s from %s on %s", spec.name, spec.version, path, effective)
         return model

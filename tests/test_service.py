@@ -525,19 +525,24 @@ def test_load_spins_onnxruntime_threads_as_set(settings, spinning, entries, spin
 
 
 @pytest.mark.parametrize(
-    ("spinning", "cores", "lone"),
+    ("spinning", "cores", "zero_cost", "lone"),
     [
-        pytest.param("alone", 2, True, id="alone"),
-        pytest.param("alone", 1, False, id="alone-on-one-core"),  # no pool to spin
-        pytest.param("off", 2, False, id="off"),
-        pytest.param("in_run", 2, False, id="in-run"),
+        pytest.param("alone", 2, False, True, id="alone"),
+        pytest.param("alone", 1, False, False, id="alone-on-one-core"),  # no pool to spin
+        pytest.param("alone", 2, True, False, id="alone-with-a-model-of-microseconds"),  # nothing to share out
+        pytest.param("off", 2, False, False, id="off"),
+        pytest.param("in_run", 2, False, False, id="in-run"),
     ],
 )
-def test_load_keeps_a_spinning_session_for_lone_batches_only_when_alone(monkeypatch, settings, spinning, cores, lone):
+def test_load_keeps_a_spinning_session_for_lone_batches_only_when_alone(monkeypatch, tmp_path, settings, spinning,
+                                                                         cores, zero_cost, lone):
+    from bench.zero_cost import zero_cost_model
     from service import runtime
 
     monkeypatch.setattr(runtime, "usable_cores", lambda: cores)
-    model = Model.load(settings.model_copy(update={"ort_spinning": spinning, "intra_op_threads": 1}))
+    path = zero_cost_model(settings.model_path, tmp_path / "zero.onnx") if zero_cost else settings.model_path
+    model = Model.load(settings.model_copy(update={"ort_spinning": spinning, "intra_op_threads": 1,
+                                                   "model_path": path}))
     assert (model.lone_session is not None) == lone
     assert model.session.get_session_options().intra_op_num_threads == 1
     pre = Preprocessor(model.spec, settings.max_image_pixels)
