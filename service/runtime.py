@@ -73,8 +73,8 @@ def session_options(threads: int, spinning: str) -> ort.SessionOptions:
 
 
 # RESNET_ORT_SPINNING=alone keeps no lone session for a model whose batch of one takes less than this: a thread's
-# wake-up costs as much, so its pool only costs CPU (docs/throughput.md#a-lone-batch-on-the-event-loop-2026-12-04).
-# Far from either side: a graph of a few nodes takes some 10 us, the default resnet20 500-1,000 us.
+# wake-up costs as much, so its pool only costs CPU
+# (docs/throughput.md#a-lone-batch-on-the-event-loop-2026-12-04-evening).
 LONE_MIN_S = 100e-6
 
 

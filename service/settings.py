@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=4096, description="images in one session.run")
     max_batch_delay_ms: float = Field(2.0, ge=0, description="longest wait for more images to fill a batch")
     # Handing a lone batch to the inference thread and back is two thread wake-ups, which cost a small model more
-    # than the loop's wait (docs/throughput.md#a-lone-batch-on-the-event-loop-2026-12-04).
+    # than the loop's wait (docs/throughput.md#a-lone-batch-on-the-event-loop-2026-12-04-evening).
     inline_run_ms: float = Field(
         2.0, ge=0, description="a batch that is all the work on the machine and should take less than this (at the "
         "last batch's time per image) runs on the event loop's thread (0: never)"
