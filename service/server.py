@@ -1,11 +1,12 @@
 """The HTTP server's part of the limits, of admission and of balance: uvicorn's httptools protocol with the request
 head (request line and headers) capped, answered 431 (RFC 6585 section 5), requests that admission refuses at
 once answered as soon as their head is in, and, under the supervisor, a worker over its share of the connections
-closing one (``service.balance``). httptools itself buffers a head of any size, and the body, time and pixel
-limits only start once the head is in."""
+closing one (``service.balance``), and a response's head written with its body. httptools itself buffers a head
+of any size, and the body, time and pixel limits only start once the head is in."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -20,6 +21,44 @@ Refuse = Callable[[bytes, bytes, list[tuple[bytes, bytes]], tuple[str, int] | No
 
 class HeadTooLarge(Exception):
     pass
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # what a cycle writes before the head, for a client that waits for it
+
+
+class OneWrite:
+    """The connection as one request's cycle writes to it. uvicorn writes a response's head, then its body: two
+    syscalls and two segments for a small answer. Here the head waits for the body's first write, and both leave in
+    one; a head with no body to follow yet (HEAD, a stream that starts later) leaves at the end of the loop's turn.
+    (docs/throughput.md#the-head-with-the-body)"""
+
+    __slots__ = ("transport", "loop", "held", "head_seen")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport, self.loop, self.held, self.head_seen = transport, loop, None, False
+
+    def write(self, data: bytes) -> None:
+        if not self.head_seen and data != CONTINUE:  # a cycle's first write, but for 100 Continue, is the head
+            self.head_seen, self.held = True, data
+            self.loop.call_soon(self.flush)
+        elif self.held is not None:
+            held, self.held = self.held, None
+            self.transport.writelines((held, data))
+        else:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        if self.held is not None:
+            held, self.held = self.held, None
+            if not self.transport.is_closing():
+                self.transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
 
 
 class CappedHead(HttpToolsProtocol):
@@ -76,6 +115,8 @@ class CappedHead(HttpToolsProtocol):
             return
         cycle = self.cycle
         super().on_headers_complete()
+        if self.cycle is not cycle:
+            self.cycle.transport = OneWrite(self.transport, self.loop)
         if self.shares is not None and self.cycle is not cycle and self.cycle.keep_alive and not self.leaving:
             self.leave_if_over_share()
 
