@@ -30,7 +30,7 @@ class OneWrite:
     """The connection as one request's cycle writes to it. uvicorn writes a response's head, then its body: two
     syscalls and two segments for a small answer. Here the head waits for the body's first write, and both leave in
     one; a head with no body to follow yet (HEAD, a stream that starts later) leaves at the end of the loop's turn.
-    (docs/throughput.md#the-head-with-the-body)"""
+    (docs/throughput.md#the-head-with-the-body-2026-12-05)"""
 
     __slots__ = ("transport", "loop", "held", "head_seen")
 
