@@ -115,9 +115,10 @@ class CappedHead(HttpToolsProtocol):
             return
         cycle = self.cycle
         super().on_headers_complete()
-        if self.cycle is not cycle:
-            self.cycle.transport = OneWrite(self.transport, self.loop)
-        if self.shares is not None and self.cycle is not cycle and self.cycle.keep_alive and not self.leaving:
+        if self.cycle is cycle:  # no request cycle began: a connection upgrade, which uvicorn hands elsewhere
+            return
+        self.cycle.transport = OneWrite(self.transport, self.loop)
+        if self.shares is not None and self.cycle.keep_alive and not self.leaving:
             self.leave_if_over_share()
 
     def leave_if_over_share(self) -> None:
