@@ -106,23 +106,26 @@ class ServiceState:
         return Pipeline(model, Preprocessor(model.spec, self.settings.max_image_pixels))
 
     async def load(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            serving = await loop.run_in_executor(self.infer_pool, self._load_and_warm)
-        except ModelLoadError as e:
-            self._fail(str(e))
-            return
-        except Exception as e:  # noqa: BLE001 - any failure must leave the service up and not ready
-            log.exception("model load failed unexpectedly")
-            self._fail(f"unexpected error while loading the model: {type(e).__name__}: {e}")
-            return
-        self.serving = serving
-        spec = serving.model.spec
-        metrics.MODEL_LOADS.labels("ok").inc()
-        metrics.serving(spec.name, spec.version, serving.model.provider)
-        if self.status == "loading":
-            self.status, self.reason = "ready", None
-            log.info("ready: %s %s on %s", spec.name, spec.version, serving.model.provider)
+        # Under the reload lock: a reload asked for while the first load warms up (a SIGHUP that reaches a worker
+        # still starting) runs after it, on the file as it is then, instead of being overwritten by it.
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            try:
+                serving = await loop.run_in_executor(self.infer_pool, self._load_and_warm)
+            except ModelLoadError as e:
+                self._fail(str(e))
+                return
+            except Exception as e:  # noqa: BLE001 - any failure must leave the service up and not ready
+                log.exception("model load failed unexpectedly")
+                self._fail(f"unexpected error while loading the model: {type(e).__name__}: {e}")
+                return
+            self.serving = serving
+            spec = serving.model.spec
+            metrics.MODEL_LOADS.labels("ok").inc()
+            metrics.serving(spec.name, spec.version, serving.model.provider)
+            if self.status == "loading":
+                self.status, self.reason = "ready", None
+                log.info("ready: %s %s on %s", spec.name, spec.version, serving.model.provider)
 
     async def reload(self) -> Pipeline:
         """Load and warm the file at ``model_path`` beside the serving model, then swap atomically.

@@ -193,3 +193,37 @@ def test_slow_body_cut_off_after_body_timeout(live_server):
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert time.monotonic() - started < 5
     assert httpx.get(server.url + "/health/ready").status_code == 200
+
+
+def test_admin_reload_while_first_load_warms_serves_new_file(tmp_path, default_model):
+    """A reload asked for while the first load is still warming up (a SIGHUP reaching a worker that is starting)
+    runs after it: the file as it is now is served, not the one the first load read."""
+    from service.runtime import Model
+
+    path = tmp_path / "model.onnx"
+    shutil.copy(default_model, path)
+    read, gate, calls = threading.Event(), threading.Event(), []
+
+    def load(settings):
+        model = Model.load(settings)
+        calls.append(model.spec.metadata["name"])
+        if len(calls) == 1:  # the first load has read the old file; it warms up until the gate opens
+            read.set()
+            gate.wait(30)
+        return model
+
+    auth = {"authorization": f"Bearer {KEY}"}
+    with TestClient(create_app(Settings(model_path=path, api_keys=[KEY]), load_model=load)) as c:
+        assert read.wait(30)
+        renamed_model(default_model, path, "renamed")
+        answer: list[httpx.Response] = []
+        asker = threading.Thread(target=lambda: answer.append(c.post("/admin/reload", headers=auth)))
+        asker.start()
+        time.sleep(0.3)  # the reload is asked for before the first load ends
+        gate.set()
+        asker.join(30)
+        wait_ready(c)
+        assert answer and answer[0].status_code == 200, answer
+        r = c.get("/model", headers=auth)
+        assert r.json()["metadata"]["name"] == "renamed", r.text
+        assert calls == [calls[0], "renamed"], calls
