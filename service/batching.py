@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -124,7 +125,8 @@ class MicroBatcher(Generic[M]):
         self.on_batch, self.on_depth = on_batch, on_depth
         self.activity = activity  # None: no other worker
         self.inline_s = inline_s  # 0: every batch runs on the executor
-        self._last_run: tuple[object, float] | None = None  # the model of the last batch, and its seconds per image
+        # The last batch's model (weakly: a reloaded-away model is not kept for this) and its seconds per image.
+        self._last_run: tuple[weakref.ref, float] | None = None
         self.drain = DrainRate()
         self._queue: deque[_Item] = deque()
         self._incoming = 0  # images reserved and still being decoded
@@ -173,7 +175,7 @@ class MicroBatcher(Generic[M]):
     def _short(self, n: int, model: object) -> bool:
         """A batch of ``n`` images should take less than ``inline_s``, at the time per image of the last batch, if
         that ran the same model (a reload to a slower one is not run on the loop on the old one's rate)."""
-        if self._last_run is None or self._last_run[0] is not model:
+        if self._last_run is None or self._last_run[0]() is not model:
             return False
         return n * self._last_run[1] < self.inline_s
 
@@ -235,7 +237,6 @@ class MicroBatcher(Generic[M]):
         return self.run(model, np.stack(xs), alone)  # (N, C, H, W)
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._gather_batch()
             if self.on_depth is not None:
@@ -243,36 +244,43 @@ class MicroBatcher(Generic[M]):
             if not batch:
                 self._publish()  # what it dropped was cancelled
                 continue
-            model = batch[0].model
-            self._running = len(batch)
-            alone = self._alone()
-            xs = [it.x for it in batch]
-            start = time.perf_counter()
-            try:
-                if alone and self._short(len(batch), model):
-                    logits = self._stack_and_run(model, xs, alone)
-                else:
-                    logits = await loop.run_in_executor(self.executor, self._stack_and_run, model, xs, alone)
-            except asyncio.CancelledError:
-                for it in batch:
-                    if not it.future.done():
-                        it.future.set_exception(ModelNotReady())
-                raise
-            except Exception as e:  # noqa: BLE001 - the failure belongs to this batch's requests only
-                for it in batch:
-                    if not it.future.done():
-                        err = InferenceFailed()
-                        err.__cause__ = e
-                        it.future.set_exception(err)
-                continue
-            finally:
-                self._running = 0
-                self._publish()
-            infer_s = time.perf_counter() - start
-            self._last_run = (model, infer_s / len(batch))
-            self.drain.add(len(batch), infer_s, start + infer_s)
-            if self.on_batch is not None:
-                self.on_batch(len(batch), infer_s)
-            for i, it in enumerate(batch):
+            await self._run_batch(batch)
+            # No reference to the batch's model outlives its batch here: after a reload the old model is freed
+            # with its last request, not held by an idle batcher until the next one.
+            del batch
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        model = batch[0].model
+        self._running = len(batch)
+        alone = self._alone()
+        xs = [it.x for it in batch]
+        start = time.perf_counter()
+        try:
+            if alone and self._short(len(batch), model):
+                logits = self._stack_and_run(model, xs, alone)
+            else:
+                logits = await loop.run_in_executor(self.executor, self._stack_and_run, model, xs, alone)
+        except asyncio.CancelledError:
+            for it in batch:
                 if not it.future.done():
-                    it.future.set_result(Result(logits[i], model, start - it.enqueued, infer_s))
+                    it.future.set_exception(ModelNotReady())
+            raise
+        except Exception as e:  # noqa: BLE001 - the failure belongs to this batch's requests only
+            for it in batch:
+                if not it.future.done():
+                    err = InferenceFailed()
+                    err.__cause__ = e
+                    it.future.set_exception(err)
+            return
+        finally:
+            self._running = 0
+            self._publish()
+        infer_s = time.perf_counter() - start
+        self._last_run = (weakref.ref(model), infer_s / len(batch))
+        self.drain.add(len(batch), infer_s, start + infer_s)
+        if self.on_batch is not None:
+            self.on_batch(len(batch), infer_s)
+        for i, it in enumerate(batch):
+            if not it.future.done():
+                it.future.set_result(Result(logits[i], model, start - it.enqueued, infer_s))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 import signal
 import socket
 import threading
 import time
+import weakref
 
 import httpx
 import pytest
@@ -227,3 +229,33 @@ def test_admin_reload_while_first_load_warms_serves_new_file(tmp_path, default_m
         r = c.get("/model", headers=auth)
         assert r.json()["metadata"]["name"] == "renamed", r.text
         assert calls == [calls[0], "renamed"], calls
+
+
+def test_admin_reload_frees_the_old_model_without_waiting_for_a_request(tmp_path, default_model):
+    """Once a reload has swapped the model and the old one's last request is answered, nothing holds the old model
+    (its sessions' memory): not even the batcher that ran its last batch, while no new request comes."""
+    from service.runtime import Model
+
+    path = tmp_path / "model.onnx"
+    shutil.copy(default_model, path)
+    loaded: list[weakref.ref] = []
+
+    def load(settings):
+        model = Model.load(settings)
+        loaded.append(weakref.ref(model))
+        return model
+
+    auth = {"authorization": f"Bearer {KEY}"}
+    with TestClient(create_app(Settings(model_path=path, api_keys=[KEY]), load_model=load)) as c:
+        wait_ready(c)
+        for _ in range(3):  # batches on the first model, and so a time per image measured on it
+            r = c.post("/predict", content=PNG, headers={"content-type": "image/png", **auth})
+            assert r.status_code == 200, r.text
+        renamed_model(default_model, path, "renamed")
+        r = c.post("/admin/reload", headers=auth)
+        assert r.status_code == 200, r.text
+        gc.collect()
+        assert len(loaded) == 2, loaded
+        old = loaded[0]()
+        assert old is None, [type(r).__name__ for r in gc.get_referrers(old)]  # what still holds it
+        assert loaded[1]() is not None

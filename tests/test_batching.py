@@ -4,8 +4,10 @@ health under load, 429 backpressure, 504 deadlines)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -46,11 +48,21 @@ class Recorder:
         return x.reshape(len(x), -1).sum(1, keepdims=True)
 
 
+class Weights:
+    """A stand-in for a loaded model: an object the batcher compares by identity (and may only hold weakly)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+MODELS = {name: Weights(name) for name in ("m", "old", "new")}
+
+
 def run_async(coro):
     return asyncio.run(coro)
 
 
-async def submit_many(batcher: MicroBatcher, values: list[float], model: object = "m") -> list[float]:
+async def submit_many(batcher: MicroBatcher, values: list[float], model: object = MODELS["m"]) -> list[float]:
     async def one(v: float) -> float:
         with batcher.reserve(1) as r:
             await asyncio.sleep(0)  # decoding happens here in the service
@@ -149,7 +161,7 @@ def test_batcher_runs_short_lone_batches_on_the_event_loop(tmp_path, inline_s, d
         batcher = MicroBatcher(rec, ThreadPoolExecutor(1), max_batch_size=32, max_delay_s=0.05, max_queue=100,
                                activity=Activity(tmp_path / "activity.bin", 0), inline_s=inline_s)
         batcher.start()
-        got = [(await submit_many(batcher, [float(i)], model))[0] for i, model in enumerate(models)]  # one at a time
+        got = [(await submit_many(batcher, [float(i)], MODELS[name]))[0] for i, name in enumerate(models)]  # in turn
         await batcher.stop()
         return got, [t == threading.get_ident() for t in rec.threads]
 
@@ -175,12 +187,34 @@ def test_batcher_never_mixes_models_in_one_batch():
         rec = Recorder()
         batcher = MicroBatcher(rec, ThreadPoolExecutor(1), max_batch_size=16, max_delay_s=0.02, max_queue=100)
         batcher.start()
-        await asyncio.gather(submit_many(batcher, [1.0] * 4, "old"), submit_many(batcher, [2.0] * 4, "new"))
+        await asyncio.gather(submit_many(batcher, [1.0] * 4, MODELS["old"]),
+                             submit_many(batcher, [2.0] * 4, MODELS["new"]))
         await batcher.stop()
         return rec.sizes
 
     sizes = run_async(main())
     assert sum(sizes) == 8 and max(sizes) <= 4
+
+
+def test_batcher_after_reload_holds_no_reference_to_the_old_model():
+    async def main() -> tuple[list[bool], list[float]]:
+        batcher = MicroBatcher(Recorder(), ThreadPoolExecutor(1), max_batch_size=4, max_delay_s=0, max_queue=10,
+                               inline_s=0.002)
+        batcher.start()
+        old = Weights("old")
+        gone = weakref.ref(old)
+        got = await submit_many(batcher, [1.0, 1.0], old)
+        del old  # the service has reloaded: only the batcher could still hold the old model now
+        await asyncio.sleep(0.01)  # the batcher is idle, waiting for the next request
+        gc.collect()
+        freed = gone() is None
+        got += await submit_many(batcher, [2.0], MODELS["new"])
+        await batcher.stop()
+        return freed, got
+
+    freed, got = run_async(main())
+    assert freed  # and not held until the next batch
+    assert got == [4.0, 4.0, 8.0]
 
 
 def test_batcher_full_queue_refuses_with_retry_after():
