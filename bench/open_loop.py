@@ -14,6 +14,7 @@ request's time runs from its send on its connection, so a wait in the kernel's a
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import shutil
@@ -107,6 +108,41 @@ def summarise(rows: np.ndarray, sent: int, offered_req_s: float, elapsed_s: floa
     }
 
 
+# /proc/stat's first line, in order (proc(5)); guest time is counted in user already.
+PROC_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+# What the split reports, as cores: inference and decoding run niced in our service (settings.compute_nice), so
+# "nice" is their share, "user" the event loops' and the load generator's, "kernel" the TCP and syscalls.
+CPU_SPLIT = {"user": ("user",), "nice": ("nice",), "kernel": ("system", "irq", "softirq"),
+             "idle": ("idle", "iowait"), "steal": ("steal",)}
+
+
+def proc_stat(text: str | None = None) -> dict[str, int] | None:
+    """The whole machine's CPU time so far, in clock ticks per field; None where there is no /proc/stat."""
+    if text is None:
+        try:
+            text = Path("/proc/stat").read_text()
+        except OSError:
+            return None
+    fields = text.split("\n", 1)[0].split()
+    if not fields or fields[0] != "cpu" or len(fields) < 1 + len(PROC_STAT_FIELDS):
+        raise ValueError(f"unparsable /proc/stat first line {text[:120]!r}")
+    return dict(zip(PROC_STAT_FIELDS, (int(v) for v in fields[1:]), strict=False))
+
+
+def cpu_split(before: dict[str, int] | None, after: dict[str, int] | None, cores: int) -> dict[str, float]:
+    """Where the machine's cores went between two ``proc_stat`` readings: ``machine_<part>_cores`` for each part
+    of ``CPU_SPLIT`` (they sum to ``cores``); empty without readings. Says whether a run was short of CPU, and
+    how much of it the kernel's connection handling took."""
+    if before is None or after is None:
+        return {}
+    spent = {k: after[k] - before[k] for k in PROC_STAT_FIELDS}
+    total = sum(spent.values())
+    if total <= 0:
+        return {}
+    return {f"machine_{part}_cores": cores * sum(spent[k] for k in fields) / total
+            for part, fields in CPU_SPLIT.items()}
+
+
 def elapsed_seconds(stdout: str) -> float:
     """The ``finished in 10.02s`` of h2load's summary, in seconds."""
     m = re.search(r"finished in ([\d.]+)(us|ms|s)\b", stdout)
@@ -125,13 +161,14 @@ def run(url: str, body: Path, ctype: str, rate_per_s: float, seconds: float, log
            "--rate-period", f"{period_ms}ms",
            "-N", f"{timeout_s:.0f}s", "-d", str(body), "-H", f"content-type: {ctype}", "--log-file", str(log), url]
     log.unlink(missing_ok=True)  # h2load appends to an existing log
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before, machine_before = resource.getrusage(resource.RUSAGE_CHILDREN), proc_stat()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 3 + timeout_s + 60)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    after, machine_after = resource.getrusage(resource.RUSAGE_CHILDREN), proc_stat()
     if proc.returncode != 0 or "finished in" not in proc.stdout:
         raise RuntimeError(f"h2load failed ({proc.returncode}): {proc.stdout[-800:]} {proc.stderr[-800:]}")
     elapsed = elapsed_seconds(proc.stdout)
     summary = summarise(parse_log(log.read_text()), n, per_period * 1000 / period_ms, elapsed)
     # the load generator's own CPU, in cores: what it took from the server it measures
     summary["client_cores"] = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / elapsed
+    summary.update(cpu_split(machine_before, machine_after, os.cpu_count() or 1))
     return summary

@@ -468,8 +468,9 @@ def markdown(cells: dict, alone: dict, rows: list, meta: dict, open_cells: dict 
         lines += ["", "Open loop (h2load, one request a connection, constant arrival rate; capacity: the server's best "
                   "closed-loop req/s above):", "",
                   "| model | server | payload | rate | offered req/s | capacity req/s | goodput 2xx/s (of capacity) | "
-                  "429 | 5xx | errors | 2xx p50/p99 ms | 429 p50/p99 ms | run s | h2load cores |",
-                  "|---" * 14 + "|"]
+                  "429 | 5xx | errors | 2xx p50/p99 ms | 429 p50/p99 ms | run s | h2load cores | machine cores: "
+                  "user / nice / kernel / idle |",
+                  "|---" * 15 + "|"]
         for model, servers in open_cells.items():
             for server, per_payload in servers.items():
                 for payload, per_rate in per_payload.items():
@@ -480,11 +481,18 @@ def markdown(cells: dict, alone: dict, rows: list, meta: dict, open_cells: dict 
                                      f"{x['status_429']:.0f} | {x['status_5xx']:.0f} | {x['errors']:.0f} | "
                                      f"{x['p50_ms']:.1f}/{x['p99_ms']:.1f} | "
                                      f"{x['refused_p50_ms']:.1f}/{x['refused_p99_ms']:.1f} | {x['elapsed_s']:.1f} | "
-                                     f"{x['client_cores']:.2f} |")
+                                     f"{x['client_cores']:.2f} | {machine_split(x)} |")
     if rows:
         lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
         lines += [f"| {name} | {value:.2f} | {goal} | {'yes' if ok else 'no'} |" for name, value, goal, ok in rows]
     return "\n".join(lines) + "\n"
+
+
+def machine_split(cell: dict) -> str:
+    """An open-loop cell's machine CPU (user: event loops and load generator; nice: our decoding and inference;
+    kernel: syscalls and TCP), or a dash where it was not read."""
+    parts = [cell.get(f"machine_{part}_cores") for part in ("user", "nice", "kernel", "idle")]
+    return "-" if None in parts else " / ".join(f"{v:.2f}" for v in parts)
 
 
 def plot(cells: dict, path: Path) -> None:
@@ -658,7 +666,7 @@ def main(argv: list[str] | None = None) -> None:
                               f"{cell['status_429']}  5xx {cell['status_5xx']}  errors {cell['errors']}  p50/p99 "
                               f"{cell['p50_ms']:.1f}/{cell['p99_ms']:.1f} ms  429 p50/p99 {cell['refused_p50_ms']:.1f}/"
                               f"{cell['refused_p99_ms']:.1f} ms  run {cell['elapsed_s']:.1f} s  h2load "
-                              f"{cell['client_cores']:.2f} cores",
+                              f"{cell['client_cores']:.2f} cores  machine user/nice/kernel/idle {machine_split(cell)}",
                               flush=True)
                 finally:
                     srv.stop()

@@ -253,8 +253,36 @@ def test_markdown_shows_open_loop_row_with_goodput_share():
     meta = {"date": "2026-12-02", "machine": "test", "repeats": 1, "seconds": 2}
     md = markdown({}, {}, [], meta, {"resnet20": {"batching_on": {"png32": {"2x": x}}}})
     row = ("| resnet20 | batching_on | png32 | 2x | 2000 | 1000 | 930 (0.93) | 1100 | 0 | 0 | 4.0/45.0 | 1.5/30.0 "
-           "| 10.1 | 0.05 |")
+           "| 10.1 | 0.05 | - |")
     assert row in md, md
+    x.update(machine_user_cores=0.7, machine_nice_cores=0.9, machine_kernel_cores=0.3, machine_idle_cores=0.1)
+    md = markdown({}, {}, [], meta, {"resnet20": {"batching_on": {"png32": {"2x": x}}}})
+    assert row.replace("| - |", "| 0.70 / 0.90 / 0.30 / 0.10 |") in md, md
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "split"),
+    [
+        pytest.param("cpu  100 0 50 850 0 0 0 0 0 0", "cpu  150 100 70 870 0 5 5 0 0 0",
+                     {"user": 0.5, "nice": 1.0, "kernel": 0.3, "idle": 0.2, "steal": 0.0}, id="two-cores-busy"),
+        pytest.param("cpu  0 0 0 0 0 0 0 0", "cpu  0 0 0 180 20 0 0 0", {"user": 0, "nice": 0, "kernel": 0,
+                     "idle": 2.0, "steal": 0}, id="idle-with-iowait"),
+    ],
+)
+def test_cpu_split_reads_proc_stat_as_cores(before, after, split):
+    got = open_loop.cpu_split(open_loop.proc_stat(before + "\ncpu0 1 2 3\n"), open_loop.proc_stat(after), cores=2)
+    assert got == pytest.approx({f"machine_{k}_cores": v for k, v in split.items()}), got
+    assert sum(got.values()) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("text", ["", "intr 1 2 3", "cpu 1 2"], ids=["empty", "not-the-cpu-line", "too-few-fields"])
+def test_proc_stat_refuses_unparsable_first_line(text):
+    with pytest.raises(ValueError, match="unparsable /proc/stat"):
+        open_loop.proc_stat(text)
+
+
+def test_cpu_split_without_readings_is_empty():
+    assert open_loop.cpu_split(None, {"user": 1}, cores=2) == {}
 
 
 def test_path_cost_drives_the_app_in_process(tmp_path, default_model):
