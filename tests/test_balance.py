@@ -13,7 +13,7 @@ from bench.harness import free_port, start_service, wait_ready
 from service.balance import NOT_LISTENING, ConnectionShares
 from tests.images import encode, one_per_class
 from tests.procfs import socket_inodes
-from tests.test_server_process import two_workers, wait_for
+from tests.test_server_process import two_workers_listening, wait_for
 
 PNG = encode(one_per_class()[2][0], "PNG")
 
@@ -115,7 +115,7 @@ def test_two_workers_end_up_holding_equal_shares_of_keep_alive_clients(tmp_path)
     conns = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=30) for _ in range(8)]
     try:
         server.wait_ready()
-        workers = wait_for(lambda: two_workers(server.proc.pid), 60)
+        workers = wait_for(lambda: two_workers_listening(server.proc.pid, server.port), 60)
         assert workers, server.log_tail()
 
         def split() -> list[int]:

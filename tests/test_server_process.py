@@ -17,6 +17,7 @@ from PIL import Image
 
 from bench.harness import start_service
 from tests.images import encode, one_per_class
+from tests.procfs import listening_inodes, socket_inodes
 
 
 def test_upload_with_huge_content_length_refused_before_body(live_server):
@@ -209,6 +210,14 @@ def two_workers(supervisor_pid: int) -> set[int] | None:
     return pids if len(pids) == 2 else None
 
 
+def two_workers_listening(supervisor_pid: int, port: int) -> set[int] | None:
+    """Both workers, once each has its model loaded and its socket listening: the service is ready as soon as the
+    first one is, and until the second listens the kernel hands every connection to the first."""
+    pids = two_workers(supervisor_pid)
+    listening = listening_inodes(port)
+    return pids if pids and all(socket_inodes(pid) & listening for pid in pids) else None
+
+
 def wait_for(check, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -229,7 +238,7 @@ def test_worker_killed_is_replaced_while_the_others_keep_serving(tmp_path):
     png = encode(one_per_class()[3][0], "PNG")
     try:
         server.wait_ready()
-        workers = wait_for(lambda: two_workers(server.proc.pid))
+        workers = wait_for(lambda: two_workers_listening(server.proc.pid, server.port))
         assert workers and len(workers) == 2, server.log_tail()
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)  # as the OOM killer does
