@@ -19,6 +19,7 @@ from contract import (
     INPUT_NAME,
     LOGITS,
     PREPROCESSING_V2_KEYS,
+    PREPROCESSING_V3_KEYS,
     PROBABILITIES,
     REQUIRED_KEYS,
     decode_metadata,
@@ -48,7 +49,7 @@ def zero_cost_graph(meta: dict) -> onnx.ModelProto:
                      numpy_helper.from_array(np.zeros(classes, np.float32), "bias")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
-    kept = ("contract_version", *REQUIRED_KEYS, *PREPROCESSING_V2_KEYS)
+    kept = ("contract_version", *REQUIRED_KEYS, *PREPROCESSING_V2_KEYS, *PREPROCESSING_V3_KEYS)
     described = {**{k: meta[k] for k in kept if k in meta}, "name": "zero-cost",
                  "arch": "global average pool + fixed linear (bench/zero_cost.py)",
                  "data": "none (fixed weights: measures the serving path, not the model)", "val_accuracy": None}

@@ -21,7 +21,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageChops, ImageOps
 
-CONTRACT_VERSION = 2  # 2 added resize modes, the background and fit-to-content; version 1 files read as before
+CONTRACT_VERSION = 3  # 2 added resize modes, the background and fit-to-content; 3 the luma decode of JPEGs;
+# files of an earlier version read as before
 INPUT_NAME = "input"
 LOGITS = "logits"
 PROBABILITIES = "probabilities"
@@ -33,6 +34,8 @@ DESCRIPTIVE_KEYS = ("contract_version", "name", "arch", "shortcut", "residual", 
                     "created_at", "training_config", "precision", "quantization", "input_dtype", "adopted_from")
 # Preprocessing keys added by contract version 2: optional, and absent they mean what version 1 did.
 PREPROCESSING_V2_KEYS = ("resize_mode", "crop_fraction", "background", "fit_to_content")
+# Added by version 3, optional likewise: absent, a single-channel model's JPEGs are decoded in colour, then converted.
+PREPROCESSING_V3_KEYS = ("jpeg_luma",)
 # The input types a model may take -> numpy dtype: float32 already normalised (x / 255 - mean) / std, or uint8
 # pixels that the graph normalises itself (issue 14 item 4: 4x less to copy, no float arithmetic in the server).
 INPUT_TYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8"}
@@ -201,6 +204,10 @@ class Preprocessing:
     crop_fraction: float | None = None  # shorter-side-crop only: the crop's share of the resized image, (0, 1]
     background: tuple[int, ...] | None = None  # per channel, 0..255: under transparency and in padding; None: black
     fit_to_content: FitToContent | None = None  # drawings: crop to the ink, centre in a square, then resize
+    # A single-channel model's colour JPEGs decoded to their stored luma (Y) alone: no chroma to decode, upsample
+    # and convert (docs/throughput.md#luma-decode-2026-12-07). Files before contract version 3 decoded in colour
+    # and converted to L (False), which differs only where a saturated colour clips at 0 or 255.
+    jpeg_luma: bool = True
 
     def __post_init__(self) -> None:
         if self.colour_mode not in COLOUR_MODES:
@@ -230,6 +237,8 @@ class Preprocessing:
         object.__setattr__(self, "background", tuple(background))  # None and lists read as the tuple they mean
         if self.fit_to_content is not None and not isinstance(self.fit_to_content, FitToContent):
             raise ContractError(f"fit_to_content must be a FitToContent or None, got {self.fit_to_content!r}")
+        if not isinstance(self.jpeg_luma, bool):
+            raise ContractError(f"jpeg_luma must be true or false, got {self.jpeg_luma!r}")
 
     @property
     def channels(self) -> int:
@@ -267,18 +276,21 @@ class Preprocessing:
 
     def draft(self, img: Image.Image) -> Image.Image:
         """``img`` (opened, not yet loaded) set to decode a JPEG at 1/2, 1/4 or 1/8 scale via the DCT where
-        ``draft_size`` allows: a 12 MP photo costs a fraction of a full decode. Training and the service both
-        decode this way, so they see the same pixels."""
+        ``draft_size`` allows (a 12 MP photo costs a fraction of a full decode), and to its luma alone for a
+        single-channel model with ``jpeg_luma``. Training and the service both decode this way, so they see the
+        same pixels."""
         size = self.draft_size()
-        if img.format in ("JPEG", "MPO") and size is not None:
-            img.draft(None, size)
+        mode = "L" if self.jpeg_luma and self.colour_mode == "L" else None  # Pillow changes only a YCbCr file's
+        if img.format in ("JPEG", "MPO") and (size is not None or mode is not None):
+            img.draft(mode, size)
         return img
 
     def to_metadata(self) -> dict:
         return {"input_size": list(self.input_size), "colour_mode": self.colour_mode, "mean": list(self.mean),
                 "std": list(self.std), "resize": self.resize, "resize_mode": self.resize_mode,
                 "crop_fraction": self.crop_fraction, "background": list(self.background),
-                "fit_to_content": None if self.fit_to_content is None else self.fit_to_content.to_metadata()}
+                "fit_to_content": None if self.fit_to_content is None else self.fit_to_content.to_metadata(),
+                "jpeg_luma": self.jpeg_luma}
 
     @classmethod
     def from_metadata(cls, meta: Mapping) -> Preprocessing:
@@ -299,7 +311,8 @@ class Preprocessing:
         except (TypeError, ValueError) as e:
             raise ContractError(f"malformed preprocessing metadata: {e}") from e
         return cls((h, w), meta["colour_mode"], mean, std, meta["resize"], meta.get("resize_mode", "stretch"),
-                   meta.get("crop_fraction"), background, FitToContent.from_metadata(meta.get("fit_to_content")))
+                   meta.get("crop_fraction"), background, FitToContent.from_metadata(meta.get("fit_to_content")),
+                   meta.get("jpeg_luma", False))
 
 
 # --- metadata_props: every value JSON ------------------------------------------------------------------------------

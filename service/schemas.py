@@ -48,6 +48,7 @@ class Preprocessing(BaseModel):
     crop_fraction: float | None = Field(description="shorter-side-crop: the crop's share of the resized image")
     background: list[int] = Field(description="per channel: under transparency and in padding", examples=[[0]])
     fit_to_content: FitToContent | None = Field(description="drawings: cropped to the ink and centred first")
+    jpeg_luma: bool = Field(description="a single-channel model's colour JPEGs are decoded to their luma alone")
 
 
 class ModelCard(BaseModel):

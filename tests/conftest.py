@@ -32,10 +32,10 @@ def version_1_model(default_model, tmp_path_factory) -> Path:
     files exported before version 2 hold."""
     import onnx
 
-    from contract import PREPROCESSING_V2_KEYS
+    from contract import PREPROCESSING_V2_KEYS, PREPROCESSING_V3_KEYS
 
     proto = onnx.load(default_model)
-    kept = [p for p in proto.metadata_props if p.key not in PREPROCESSING_V2_KEYS]
+    kept = [p for p in proto.metadata_props if p.key not in PREPROCESSING_V2_KEYS + PREPROCESSING_V3_KEYS]
     del proto.metadata_props[:]
     for p in kept:
         proto.metadata_props.add(key=p.key, value=json.dumps(1) if p.key == "contract_version" else p.value)

@@ -22,7 +22,15 @@ from PIL import Image
 from torch import nn
 
 from bench.harness import wait_ready
-from contract import DESCRIPTIVE_KEYS, INPUT_NAME, OUTPUT_NAMES, PREPROCESSING_V2_KEYS, REQUIRED_KEYS, Preprocessing
+from contract import (
+    DESCRIPTIVE_KEYS,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    PREPROCESSING_V2_KEYS,
+    PREPROCESSING_V3_KEYS,
+    REQUIRED_KEYS,
+    Preprocessing,
+)
 from model.adopt import adopt, main
 from model.resnet import BasicBlock, ResNet
 from service.app import create_app
@@ -157,7 +165,8 @@ def test_adopt_writes_contract_names_dynamic_batch_and_metadata(foreign, labels,
     assert tuple(o.name for o in session.get_outputs()) == OUTPUT_NAMES
     meta = {p.key: json.loads(p.value) for p in onnx.load(out).metadata_props}
     assert set(REQUIRED_KEYS) <= set(meta), meta
-    assert set(meta) <= set(REQUIRED_KEYS) | set(PREPROCESSING_V2_KEYS) | set(DESCRIPTIVE_KEYS), meta  # none unlisted
+    written = set(REQUIRED_KEYS) | set(PREPROCESSING_V2_KEYS) | set(PREPROCESSING_V3_KEYS) | set(DESCRIPTIVE_KEYS)
+    assert set(meta) <= written, meta  # none unlisted
     assert meta["labels"] == LABELS and meta["name"] == "mine" and meta["arch"].startswith("adopted: fixed.onnx")
     assert meta["input_size"] == [SIZE, SIZE] and meta["colour_mode"] == "RGB"
     assert meta["mean"] == list(IMAGENET.mean) and meta["std"] == list(IMAGENET.std)

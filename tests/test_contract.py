@@ -256,7 +256,7 @@ def test_fit_to_content_decodes_jpegs_in_full():
 @pytest.mark.parametrize(
     ("meta", "message"),
     [
-        pytest.param({"contract_version": 3}, "contract version 3; this reader knows up to 2", id="newer-version"),
+        pytest.param({"contract_version": 4}, "contract version 4; this reader knows up to 3", id="newer-version"),
         pytest.param({"contract_version": "2"}, "contract_version must be a positive integer", id="version-string"),
         pytest.param({"contract_version": 0}, "contract_version must be a positive integer", id="version-zero"),
         pytest.param({"fit_to_content": {"margin": 0.1}}, "fit_to_content must be null or", id="fit-missing-key"),
@@ -281,10 +281,14 @@ def test_fit_to_content_decodes_jpegs_in_full():
         pytest.param({"background": [True]}, "background needs 1 integers in", id="background-bool"),
         pytest.param({"background": "white"}, "background needs 1 integers in", id="background-string"),
         pytest.param({"background": 0}, "malformed preprocessing metadata", id="background-scalar"),
+        pytest.param({"jpeg_luma": "true"}, "jpeg_luma must be true or false", id="jpeg-luma-string"),
+        pytest.param({"jpeg_luma": 1}, "jpeg_luma must be true or false", id="jpeg-luma-int"),
+        pytest.param({"jpeg_luma": None}, "jpeg_luma must be true or false", id="jpeg-luma-null"),
     ],
 )
 def test_from_metadata_refuses_bad_contract_metadata(meta, message):
-    assert Preprocessing.from_metadata(GOOD) == Preprocessing((8, 8), "L", (0.5,), (0.25,), "bilinear")
+    assert Preprocessing.from_metadata(GOOD) == Preprocessing((8, 8), "L", (0.5,), (0.25,), "bilinear",
+                                                              jpeg_luma=False)
     with pytest.raises(ContractError, match=message):
         Preprocessing.from_metadata({**GOOD, **meta})
 
@@ -299,17 +303,66 @@ def test_read_spec_refuses_an_unknown_resize_mode():
 
 def test_metadata_of_every_field_round_trips():
     pre = Preprocessing((24, 40), "RGB", (0.4, 0.5, 0.6), (0.2, 0.3, 0.4), "bicubic", "shorter-side-crop", 0.875,
-                        (255, 250, 240), FitToContent(0.2, 16))
+                        (255, 250, 240), FitToContent(0.2, 16), jpeg_luma=False)
     meta = pre.to_metadata()
-    assert {k: meta[k] for k in contract.PREPROCESSING_V2_KEYS} == {
+    assert {k: meta[k] for k in contract.PREPROCESSING_V2_KEYS + contract.PREPROCESSING_V3_KEYS} == {
         "resize_mode": "shorter-side-crop", "crop_fraction": 0.875, "background": [255, 250, 240],
-        "fit_to_content": {"margin": 0.2, "threshold": 16}}
+        "fit_to_content": {"margin": 0.2, "threshold": 16}, "jpeg_luma": False}
     assert Preprocessing.from_metadata(meta) == pre
 
 
 def test_metadata_of_contract_version_1_reads_as_stretch_onto_black():
     pre = Preprocessing.from_metadata({**GOOD, "contract_version": 1})
     assert (pre.resize_mode, pre.crop_fraction, pre.background, pre.fit_to_content) == ("stretch", None, (0,), None)
+    assert pre.jpeg_luma is False
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_metadata_without_jpeg_luma_decodes_jpegs_in_colour_as_before_version_3(version):
+    assert Preprocessing.from_metadata({**GOOD, "contract_version": version}).jpeg_luma is False
+    assert Preprocessing.from_metadata({**GOOD, "contract_version": 3, "jpeg_luma": True}).jpeg_luma is True
+
+
+def colour_jpeg(size: tuple[int, int] = (96, 64), mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(7)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    arr[: size[1] // 2] //= 4  # structure for the chroma to carry
+    return encode(Image.fromarray(arr, "RGB").convert(mode), "JPEG", quality=90)
+
+
+@pytest.mark.parametrize(
+    ("data", "colour_mode", "jpeg_luma", "decoded_mode"),
+    [
+        pytest.param(colour_jpeg(), "L", True, "L", id="colour-jpeg-to-grey-model"),
+        pytest.param(colour_jpeg(), "L", False, "RGB", id="colour-jpeg-before-version-3"),
+        pytest.param(colour_jpeg(), "RGB", True, "RGB", id="colour-jpeg-to-colour-model"),
+        pytest.param(colour_jpeg(mode="L"), "L", True, "L", id="grey-jpeg"),
+        pytest.param(colour_jpeg(mode="CMYK"), "L", True, "CMYK", id="cmyk-jpeg-decoded-as-stored"),
+        pytest.param(encode(Image.new("RGB", (40, 30), (200, 10, 10)), "PNG"), "L", True, "RGB", id="png"),
+    ],
+)
+def test_draft_decodes_only_a_colour_jpegs_luma_for_a_grey_model(data, colour_mode, jpeg_luma, decoded_mode):
+    channels = {"L": 1, "RGB": 3}[colour_mode]
+    pre = Preprocessing((16, 16), colour_mode, (0.5,) * channels, (0.25,) * channels,
+                        fit_to_content=FitToContent(), jpeg_luma=jpeg_luma)  # fit: a full-scale decode
+    img = pre.draft(Image.open(io.BytesIO(data)))
+    img.load()
+    assert img.mode == decoded_mode and img.size == Image.open(io.BytesIO(data)).size, (img.mode, img.size)
+
+
+@pytest.mark.parametrize("fit", [FitToContent(), None], ids=["full-scale", "reduced-scale"])
+def test_luma_decode_differs_from_colour_then_convert_only_where_a_colour_clips(fit):
+    """The luma the encoder stored against the same luma recomputed from decoded RGB, which clips saturated
+    colours at 0 or 255: a photo-like scene's pixels agree but for a few grey levels on a fraction of them."""
+    data = encode(scene(640, 480), "JPEG", quality=90)
+    luma, colour = (Preprocessing((32, 32), "L", (0.5,), (0.25,), fit_to_content=fit, jpeg_luma=flag)
+                    for flag in (True, False))
+    before = np.asarray(colour.draft(Image.open(io.BytesIO(data))).convert("L")).astype(int)
+    after = np.asarray(luma.draft(Image.open(io.BytesIO(data)))).astype(int)
+    diff = np.abs(after - before)
+    assert diff.max() <= 8 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    a, b = (np.asarray(p.resized(p.draft(Image.open(io.BytesIO(data))))).astype(int) for p in (luma, colour))
+    assert np.abs(a - b).max() <= 2, np.abs(a - b).max()  # the network's input
 
 
 def test_preprocessing_refuses_fit_to_content_that_is_not_one():

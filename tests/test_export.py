@@ -14,7 +14,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from contract import CONTRACT_VERSION, DESCRIPTIVE_KEYS, INPUT_NAME, OUTPUT_NAMES, PREPROCESSING_V2_KEYS, REQUIRED_KEYS
+from contract import (
+    CONTRACT_VERSION,
+    DESCRIPTIVE_KEYS,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    PREPROCESSING_V2_KEYS,
+    PREPROCESSING_V3_KEYS,
+    REQUIRED_KEYS,
+)
 from model.checkpoint import load_checkpoint
 from model.config import TrainConfig
 from model.data import load_digits_data
@@ -23,8 +31,8 @@ from model.train import train
 from tests.conftest import ROOT, make_class_folder
 
 # "quantization" is written by --int8 only (tests/test_int8.py), "adopted_from" by model.adopt (tests/test_adopt.py).
-WRITTEN_METADATA = (set(REQUIRED_KEYS) | set(PREPROCESSING_V2_KEYS) | set(DESCRIPTIVE_KEYS)) - {"quantization",
-                                                                                             "adopted_from"}
+WRITTEN_METADATA = (set(REQUIRED_KEYS) | set(PREPROCESSING_V2_KEYS) | set(PREPROCESSING_V3_KEYS)
+                    | set(DESCRIPTIVE_KEYS)) - {"quantization", "adopted_from"}
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess:
@@ -70,6 +78,7 @@ def test_export_records_metadata_enough_to_serve(exported):
     assert meta["labels"] == [str(i) for i in range(10)]
     assert meta["input_size"] == [8, 8] and meta["colour_mode"] == "L" and meta["resize"] == "bilinear"
     assert meta["contract_version"] == CONTRACT_VERSION and meta["fit_to_content"] is None
+    assert meta["jpeg_luma"] is True  # trained by this code, which decodes a grey model's JPEGs to their luma
     assert meta["arch"] == "resnet8" and meta["training_config"]["epochs"] == 1
     assert meta["training_config"]["colour_mode"] == meta["colour_mode"]  # the config as used, not its default
     bundle = load_digits_data(8, 0.2, 0, "bilinear")

@@ -59,6 +59,8 @@ WHITE = (255, 255, 255)
     "pre",
     [
         pytest.param(Preprocessing((32, 32), "L", (0.30566,), (0.323522,), "bilinear"), id="digits-L-bilinear"),
+        pytest.param(Preprocessing((32, 32), "L", (0.30566,), (0.323522,), "bilinear", jpeg_luma=False),
+                     id="digits-L-jpegs-in-colour"),  # files before contract version 3
         pytest.param(Preprocessing((24, 40), "RGB", (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), "bicubic"),
                      id="rgb-bicubic"),
         pytest.param(Preprocessing((32, 32), "RGB", *RGB, background=WHITE), id="stretch-white-background"),

@@ -406,7 +406,7 @@ def test_model_card_describes_model(client):
     assert card["preprocessing"] | {"mean": None, "std": None} == {  # the default reads drawings: fit to content
         "input_size": [32, 32], "colour_mode": "L", "mean": None, "std": None, "resize": "bilinear",
         "resize_mode": "stretch", "crop_fraction": None, "background": [0],
-        "fit_to_content": {"margin": 0.1, "threshold": 32}}
+        "fit_to_content": {"margin": 0.1, "threshold": 32}, "jpeg_luma": True}
     assert card["arch"] == "resnet20" and card["val_accuracy"] >= 0.99
 
 
