@@ -71,14 +71,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     spec = Model.load(Settings(model_path=args.model, device="cpu")).spec
-    payloads = write_payloads(Path(tempfile.mkdtemp(prefix="decode-bench-")))
+    with tempfile.TemporaryDirectory(prefix="decode-bench-") as folder:
+        payloads = {name: path.read_bytes() for name, (path, _, _) in write_payloads(Path(folder)).items()}
+    found = candidates(spec)
     print(f"{args.model.name}: {spec.preprocessing.colour_mode}, input {spec.preprocessing.input_size}, "
           f"fit to content {spec.preprocessing.fit_to_content is not None}")
     for name in ("jpeg640", "jpeg12mp"):
-        data = payloads[name][0].read_bytes()
+        data = payloads[name]
         size = Image.open(io.BytesIO(data)).size
         number = 200 if size[0] * size[1] < 10**6 else 5
-        found = candidates(spec)
         reference = next(f for label, f in found.items() if label.startswith("decode: Pillow"))(data)
         for label, decode in found.items():
             best = min(timeit.repeat(lambda f=decode, b=data: f(b), number=number, repeat=args.repeats))

@@ -23,9 +23,9 @@ def socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-def listening_inodes(port: int) -> set[str]:
-    """The inodes of the sockets listening on TCP ``port`` (/proc/net/tcp and tcp6; state 0A is LISTEN)."""
-    inodes = set()
+def tcp_sockets() -> list[tuple[int, int, str, str]]:
+    """(local port, remote port, state, inode) of every TCP socket (/proc/net/tcp and tcp6; state 0A is LISTEN)."""
+    found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -33,6 +33,11 @@ def listening_inodes(port: int) -> set[str]:
             continue
         for line in lines:
             fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
-                inodes.add(fields[9])
-    return inodes
+            local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
+            found.append((local, remote, fields[3], fields[9]))
+    return found
+
+
+def listening_inodes(port: int) -> set[str]:
+    """The inodes of the sockets listening on TCP ``port``."""
+    return {inode for local, _, state, inode in tcp_sockets() if local == port and state == "0A"}

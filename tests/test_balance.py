@@ -12,7 +12,7 @@ import pytest
 from bench.harness import free_port, start_service, wait_ready
 from service.balance import NOT_LISTENING, ConnectionShares
 from tests.images import encode, one_per_class
-from tests.procfs import socket_inodes
+from tests.procfs import socket_inodes, tcp_sockets
 from tests.test_server_process import two_workers_listening, wait_for
 
 PNG = encode(one_per_class()[2][0], "PNG")
@@ -98,14 +98,9 @@ def test_worker_over_its_share_closes_connections_after_answering(worker_of_two,
 
 
 def server_side_inodes(server_port: int, client_ports: list[int]) -> dict[int, str]:
-    """client port -> the inode of the server's end of that loopback connection (/proc/net/tcp)."""
-    found = {}
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote, inode = int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16), fields[9]
-        if local == server_port and remote in client_ports:
-            found[remote] = inode
-    return found
+    """client port -> the inode of the server's end of that loopback connection."""
+    return {remote: inode for local, remote, _, inode in tcp_sockets()
+            if local == server_port and remote in client_ports}
 
 
 def test_two_workers_end_up_holding_equal_shares_of_keep_alive_clients(tmp_path):
