@@ -104,10 +104,17 @@ class FitToContent:
 FIT_MAX_GROWTH = 4  # fit_to_content's square holds at most this many times the image's pixels (plus 1 Mpx)
 
 
+# Up to this many pixels a single-band image's ink is found through a float table (mode F): Pillow rounds an integer
+# table in Python on every call, most of a small image's cost, and passes a float one to C as it is; past it, F's four
+# bytes a pixel cost more than the rounding (docs/throughput.md#small-images-by-table-2026-12-08).
+FLOAT_INK_MAX_PIXELS = 2**19
+
+
 @functools.lru_cache(maxsize=64)
-def ink_table(background: tuple[int, ...], threshold: int) -> list[int]:
+def ink_table(background: tuple[int, ...], threshold: int, as_float: bool = False) -> list[int] | list[float]:
     """``Image.point``'s table for 8-bit bands, band after band: 255 where a value is ink, 0 where background."""
-    return [255 if abs(v - b) > threshold else 0 for b in background for v in range(256)]
+    ink, blank = (255.0, 0.0) if as_float else (255, 0)
+    return [ink if abs(v - b) > threshold else blank for b in background for v in range(256)]
 
 
 def fit_to_content(img: Image.Image, background: int | Sequence[int], margin: float, threshold: int) -> Image.Image:
@@ -121,7 +128,10 @@ def fit_to_content(img: Image.Image, background: int | Sequence[int], margin: fl
     fill = bg if channels > 1 else bg[0]
     # In Pillow's C code rather than numpy: one pass of a lookup table, 255 where a channel's value differs from
     # its background by more than the threshold, and getbbox spans every band (docs/throughput.md#ink-by-table).
-    found = img.point(ink_table(bg, threshold)).getbbox()
+    if channels == 1 and img.width * img.height <= FLOAT_INK_MAX_PIXELS:
+        found = img.point(ink_table(bg, threshold, as_float=True), "F").getbbox()
+    else:
+        found = img.point(ink_table(bg, threshold)).getbbox()
     if found is None:
         return img
     box = img.crop(found)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageOps
 
 import contract
-from contract import ContractError, FitToContent, Preprocessing, fit_to_content, resize_size
+from contract import FLOAT_INK_MAX_PIXELS, ContractError, FitToContent, Preprocessing, fit_to_content, resize_size
 from tests.images import encode, one_per_class, scene, with_transparency
 
 IMAGENET_EVAL = Preprocessing((224, 224), "RGB", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
@@ -182,6 +182,29 @@ def test_fit_to_content_box_matches_the_pixelwise_definition_on_random_images(mo
         threshold = int(rng.integers(0, 255))
         box = ink_box(img, background, threshold)
         out = fit_to_content(img, background if channels > 1 else background[0], margin=0.0, threshold=threshold)
+        if box is None:
+            assert out is img
+            continue
+        expected = img.crop(box)
+        side = max(expected.size)
+        left, top = (side - expected.width) // 2, (side - expected.height) // 2
+        assert out.size == (side, side), (box, out.size)
+        assert np.array_equal(np.asarray(out.crop((left, top, left + expected.width, top + expected.height))),
+                              np.asarray(expected)), box
+
+
+@pytest.mark.parametrize("pixels", [FLOAT_INK_MAX_PIXELS, FLOAT_INK_MAX_PIXELS + 1024],
+                         ids=["float-table", "int-table"])
+def test_fit_to_content_box_matches_the_pixelwise_definition_either_side_of_the_float_table_bound(pixels):
+    rng = np.random.default_rng(5)
+    w, h = 1024, pixels // 1024
+    for background, threshold in [(0, 32), (255, 40), (128, 0)]:
+        arr = np.full((h, w), background, np.int16)
+        for _ in range(3):  # ink anywhere, some of it within the threshold
+            arr[rng.integers(0, h), rng.integers(0, w)] += int(rng.integers(-120, 120))
+        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8), "L")
+        box = ink_box(img, (background,), threshold)
+        out = fit_to_content(img, background, margin=0.0, threshold=threshold)
         if box is None:
             assert out is img
             continue

@@ -89,6 +89,22 @@ def test_service_preprocessing_equals_model_eval_transform(pre, case):
     assert np.abs(got - want).max() <= 1e-6
 
 
+@pytest.mark.parametrize("colour_mode", ["L", "RGB"])
+def test_normalisation_by_table_equals_the_float32_arithmetic_bit_for_bit(colour_mode):
+    channels = len(colour_mode)
+    rng = np.random.default_rng(11)
+    # every 8-bit value once in each channel, at the input size (nothing to resize)
+    pixels = np.stack([rng.permutation(256).reshape(16, 16) for _ in range(channels)], axis=-1).astype(np.uint8)
+    pre = Preprocessing((16, 16), colour_mode, *(((0.30566,), (0.323522,)) if channels == 1 else RGB))
+    img = Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, colour_mode)
+    got = Preprocessor(spec_for(pre), max_pixels=10**6).preprocess(img)
+    mean = np.asarray(pre.mean, np.float32).reshape(-1, 1, 1)
+    std = np.asarray(pre.std, np.float32).reshape(-1, 1, 1)
+    want = (pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0) - mean) / std
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.array_equal(got, want)
+
+
 @pytest.mark.parametrize(("size", "fraction"), [((32, 32), 0.5), ((48, 48), 0.875), ((24, 40), 0.3)])
 def test_jpeg_reduced_decode_keeps_the_pixels_the_crop_resizes_from(size, fraction):
     """With shorter-side-crop the image is scaled to resize_size, larger than the input: decoding a JPEG at reduced
