@@ -105,9 +105,9 @@ FIT_MAX_GROWTH = 4  # fit_to_content's square holds at most this many times the 
 
 
 # Up to this many pixels a single-band image's ink is found through a float table (mode F): Pillow rounds an integer
-# table in Python on every call, most of a small image's cost, and passes a float one to C as it is; past it, F's four
-# bytes a pixel cost more than the rounding (docs/throughput.md#small-images-by-table-2026-12-08).
-FLOAT_INK_MAX_PIXELS = 2**19
+# table in Python on every call, most of a small image's cost, and passes a float one to C as it is; on larger images
+# F's four bytes a pixel ate the gain (docs/throughput.md#small-images-by-table-2026-12-08).
+FLOAT_INK_MAX_PIXELS = 2**16
 
 
 @functools.lru_cache(maxsize=64)
