@@ -167,6 +167,14 @@ def ink_box(img: Image.Image, background: tuple[int, ...], threshold: int) -> tu
     return None if rows.size == 0 else (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
 
 
+def assert_centred_without_margin(out: Image.Image, ink: Image.Image) -> None:
+    """``out`` is the square of ``ink``'s longer side with ``ink`` in its centre (margin 0)."""
+    side = max(ink.size)
+    left, top = (side - ink.width) // 2, (side - ink.height) // 2
+    assert out.size == (side, side), (ink.size, out.size)
+    assert np.array_equal(np.asarray(out.crop((left, top, left + ink.width, top + ink.height))), np.asarray(ink))
+
+
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_fit_to_content_box_matches_the_pixelwise_definition_on_random_images(mode):
     rng = np.random.default_rng(7)
@@ -185,12 +193,7 @@ def test_fit_to_content_box_matches_the_pixelwise_definition_on_random_images(mo
         if box is None:
             assert out is img
             continue
-        expected = img.crop(box)
-        side = max(expected.size)
-        left, top = (side - expected.width) // 2, (side - expected.height) // 2
-        assert out.size == (side, side), (box, out.size)
-        assert np.array_equal(np.asarray(out.crop((left, top, left + expected.width, top + expected.height))),
-                              np.asarray(expected)), box
+        assert_centred_without_margin(out, img.crop(box))
 
 
 @pytest.mark.parametrize("pixels", [FLOAT_INK_MAX_PIXELS, FLOAT_INK_MAX_PIXELS + 1024],
@@ -208,12 +211,7 @@ def test_fit_to_content_box_matches_the_pixelwise_definition_either_side_of_the_
         if box is None:
             assert out is img
             continue
-        expected = img.crop(box)
-        side = max(expected.size)
-        left, top = (side - expected.width) // 2, (side - expected.height) // 2
-        assert out.size == (side, side), (box, out.size)
-        assert np.array_equal(np.asarray(out.crop((left, top, left + expected.width, top + expected.height))),
-                              np.asarray(expected)), box
+        assert_centred_without_margin(out, img.crop(box))
 
 
 @pytest.mark.parametrize(
