@@ -140,7 +140,7 @@ def test_zero_cost_model_obeys_contract_and_serves_through_the_same_path(tmp_pat
     assert first != second  # the output depends on the image, so a batch mix-up would still show
 
 
-def test_decode_bench_times_both_jpeg_luma_settings_on_every_jpeg_payload(default_model, capsys):
+def test_decode_bench_times_the_service_path_on_every_single_image_payload(default_model, capsys):
     from bench.decode import main
 
     main(["--model", str(default_model), "--repeats", "1"])
@@ -148,8 +148,9 @@ def test_decode_bench_times_both_jpeg_luma_settings_on_every_jpeg_payload(defaul
     assert lines[0] == "default.onnx: L, input (32, 32), fit to content True", lines
     timed = {(line.split()[0], line.split("  ")[1].strip()): float(line.split()[-2]) for line in lines[1:]
              if "service" in line}
-    assert set(timed) == {(p, f"service, jpeg_luma {s}") for p in ("jpeg640", "jpeg12mp") for s in ("true", "false")}, \
-        lines
+    assert set(timed) == {(p, f"service, jpeg_luma {s}") for p in ("png32", "jpeg640", "jpeg12mp")
+                          for s in ("true", "false")}, lines
+    assert not any(line.startswith("png32") and "decode:" in line for line in lines), lines
     assert all(us > 0 for us in timed.values()), lines
 
 
