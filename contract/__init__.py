@@ -105,8 +105,9 @@ FIT_MAX_GROWTH = 4  # fit_to_content's square holds at most this many times the 
 
 
 # Up to this many pixels a single-band image's ink is found through a float table (mode F): Pillow rounds an integer
-# table in Python on every call, most of a small image's cost, and passes a float one to C as it is; on larger images
-# F's four bytes a pixel ate the gain (docs/throughput.md#small-images-by-table-2026-12-08).
+# table in Python on every call, most of a small image's cost, and passes a float one to C as it is. Past it F's four
+# bytes a pixel ate that gain, and numpy's extremes of each row and column beat both
+# (docs/throughput.md#small-images-by-table-2026-12-08, #large-images-by-their-extremes-2026-12-08).
 FLOAT_INK_MAX_PIXELS = 2**16
 
 
@@ -115,6 +116,30 @@ def ink_table(background: tuple[int, ...], threshold: int, as_float: bool = Fals
     """``Image.point``'s table for 8-bit bands, band after band: 255 where a value is ink, 0 where background."""
     ink, blank = (255.0, 0.0) if as_float else (255, 0)
     return [ink if abs(v - b) > threshold else blank for b in background for v in range(256)]
+
+
+def ink_box(img: Image.Image, background: tuple[int, ...], threshold: int) -> tuple[int, int, int, int] | None:
+    """The bounding box (left, upper, right, lower) of the pixels differing from ``background`` (a value per band) by
+    more than ``threshold`` in some band; None if there are none. In C either way: through a lookup table in Pillow
+    (255 where a band is ink) and ``getbbox`` over every band, or, for a large single-band image, from numpy's
+    extremes of each row, then of each column of the rows that hold ink (a value is ink above or below a bound)."""
+    if len(background) > 1:
+        return img.point(ink_table(background, threshold)).getbbox()
+    if img.width * img.height <= FLOAT_INK_MAX_PIXELS:
+        return img.point(ink_table(background, threshold, as_float=True), "F").getbbox()
+    pixels = np.asarray(img)
+    above, below = background[0] + threshold, background[0] - threshold
+
+    def inked(part: np.ndarray, axis: int) -> np.ndarray:
+        found = part.max(axis) > above if above < 255 else np.zeros(part.shape[1 - axis], bool)
+        return found | (part.min(axis) < below) if below > 0 else found
+
+    rows = np.flatnonzero(inked(pixels, 1))
+    if not rows.size:
+        return None
+    top, bottom = int(rows[0]), int(rows[-1]) + 1
+    cols = np.flatnonzero(inked(pixels[top:bottom], 0))
+    return int(cols[0]), top, int(cols[-1]) + 1, bottom
 
 
 def fit_to_content(img: Image.Image, background: int | Sequence[int], margin: float, threshold: int) -> Image.Image:
@@ -126,12 +151,7 @@ def fit_to_content(img: Image.Image, background: int | Sequence[int], margin: fl
     bg = tuple(int(v) for v in background) if isinstance(background, Sequence) else (int(background),)
     bg = bg * channels if len(bg) == 1 else bg  # one value, or one per channel
     fill = bg if channels > 1 else bg[0]
-    # In Pillow's C code rather than numpy: one pass of a lookup table, 255 where a channel's value differs from
-    # its background by more than the threshold, and getbbox spans every band (docs/throughput.md#ink-by-table).
-    if channels == 1 and img.width * img.height <= FLOAT_INK_MAX_PIXELS:
-        found = img.point(ink_table(bg, threshold, as_float=True), "F").getbbox()
-    else:
-        found = img.point(ink_table(bg, threshold)).getbbox()
+    found = ink_box(img, bg, threshold)
     if found is None:
         return img
     box = img.crop(found)

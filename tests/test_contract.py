@@ -158,7 +158,8 @@ def test_fit_to_content_finds_dark_ink_on_white_paper_in_rgb():
     assert (arr[0, 0] == 255).all() and tuple(arr[10, 10]) == (200, 40, 40)
 
 
-def ink_box(img: Image.Image, background: tuple[int, ...], threshold: int) -> tuple[int, int, int, int] | None:
+def ink_box_by_definition(img: Image.Image, background: tuple[int, ...], threshold: int
+                          ) -> tuple[int, int, int, int] | None:
     """The definition, pixel by pixel in numpy: where some channel differs from the background by more than the
     threshold."""
     arr = np.asarray(img, dtype=np.int16).reshape(img.height, img.width, -1)
@@ -188,7 +189,7 @@ def test_fit_to_content_box_matches_the_pixelwise_definition_on_random_images(mo
         img = Image.fromarray(arr.clip(0, 255).astype(np.uint8).squeeze(axis=2) if channels == 1 else
                               arr.clip(0, 255).astype(np.uint8), mode)
         threshold = int(rng.integers(0, 255))
-        box = ink_box(img, background, threshold)
+        box = ink_box_by_definition(img, background, threshold)
         out = fit_to_content(img, background if channels > 1 else background[0], margin=0.0, threshold=threshold)
         if box is None:
             assert out is img
@@ -197,16 +198,17 @@ def test_fit_to_content_box_matches_the_pixelwise_definition_on_random_images(mo
 
 
 @pytest.mark.parametrize("pixels", [FLOAT_INK_MAX_PIXELS, FLOAT_INK_MAX_PIXELS + 1024],
-                         ids=["float-table", "int-table"])
+                         ids=["float-table", "row-and-column-extremes"])
 def test_fit_to_content_box_matches_the_pixelwise_definition_either_side_of_the_float_table_bound(pixels):
     rng = np.random.default_rng(5)
     w, h = 1024, pixels // 1024
-    for background, threshold in [(0, 32), (255, 40), (128, 0)]:
+    # Bounds on either side: ink only above (background 0), only below (255, or 250 + 10 past 255), or both ways.
+    for background, threshold in [(0, 32), (255, 40), (128, 0), (10, 20), (250, 10), (128, 127), (0, 254)] * 3:
         arr = np.full((h, w), background, np.int16)
-        for _ in range(3):  # ink anywhere, some of it within the threshold
-            arr[rng.integers(0, h), rng.integers(0, w)] += int(rng.integers(-120, 120))
+        for _ in range(int(rng.integers(0, 4))):  # ink anywhere or none, some of it within the threshold
+            arr[rng.integers(0, h), rng.integers(0, w)] += int(rng.integers(-255, 255))
         img = Image.fromarray(arr.clip(0, 255).astype(np.uint8), "L")
-        box = ink_box(img, (background,), threshold)
+        box = ink_box_by_definition(img, (background,), threshold)
         out = fit_to_content(img, background, margin=0.0, threshold=threshold)
         if box is None:
             assert out is img
