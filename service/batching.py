@@ -172,6 +172,12 @@ class MicroBatcher(Generic[M]):
         """The batch about to run is all the work: none left queued or decoding here, none in another worker."""
         return not self._queue and self._incoming == 0 and (self.activity is None or self.activity.others_idle())
 
+    def idle(self, n: int) -> bool:
+        """The ``n`` images just reserved are all the work: nothing else queued, decoding or running here, and no
+        other worker holding images."""
+        return (not self._queue and self._incoming == n and self._running == 0
+                and (self.activity is None or self.activity.others_idle()))
+
     def _short(self, n: int, model: object) -> bool:
         """A batch of ``n`` images should take less than ``inline_s``, at the time per image of the last batch, if
         that ran the same model (a reload to a slower one is not run on the loop on the old one's rate)."""

@@ -53,6 +53,13 @@ INLINE_PIXELS = 128 * 128
 # ...and only from bodies this small: opening inflates PNG metadata chunks, up to ~1000:1
 # (docs/reliability.md#bugs-these-found).
 INLINE_BYTES = 4096
+# A lone request's baseline JPEG up to these sizes is decoded on the loop when its worker has nothing else to do:
+# the hop to the pool and back costs more than the idle loop's time. Only baseline JPEG, whose decoding is linear in
+# its bytes and pixels; a progressive file's scans may each revisit every block
+# (docs/throughput.md#where-an-image-is-decoded).
+IDLE_INLINE_BYTES = 2**18
+IDLE_INLINE_PIXELS = 2**19
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 @dataclass
@@ -86,6 +93,13 @@ class Preprocessor:
     def inline(self, header: ImageHeader) -> bool:
         """Cheap enough to finish on the event loop: a small image for a model with a small input."""
         return self.small_input and header.image.width * header.image.height <= INLINE_PIXELS
+
+    def inline_when_idle(self, header: ImageHeader) -> bool:
+        """Cheap and bounded enough to finish on an idle worker's loop: a baseline JPEG of at most
+        ``IDLE_INLINE_PIXELS`` (its body is checked against ``IDLE_INLINE_BYTES`` and ``JPEG_MAGIC`` before opening)."""
+        img = header.image
+        return (img.format == "JPEG" and not img.info.get("progressive")
+                and img.width * img.height <= IDLE_INLINE_PIXELS)
 
     def open(self, data: bytes) -> ImageHeader:
         """Read the header only and check the declared size against the pixel limit: cheap, nothing

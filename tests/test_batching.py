@@ -170,6 +170,41 @@ def test_batcher_runs_short_lone_batches_on_the_event_loop(tmp_path, inline_s, d
     assert ran_on_loop == on_loop
 
 
+@pytest.mark.parametrize(
+    ("reserved", "queued", "other_worker_images", "idle"),
+    [
+        pytest.param([1], 0, 0, True, id="a-lone-request"),
+        pytest.param([1], 0, NO_WORKER, True, id="another-worker-dead"),
+        pytest.param([1, 1], 0, 0, False, id="another-request-decoding"),
+        pytest.param([1], 1, 0, False, id="an-image-queued"),
+        pytest.param([1], 0, 2, False, id="another-worker-busy"),
+    ],
+)
+def test_batcher_idle_only_while_the_images_just_reserved_are_all_the_work(tmp_path, reserved, queued,
+                                                                           other_worker_images, idle):
+    Activity.create(tmp_path / "activity.bin", 2)
+    Activity(tmp_path / "activity.bin", 1).publish(other_worker_images)
+
+    async def main() -> bool:
+        # Never started: nothing dispatches the queued image while the question is asked.
+        batcher = MicroBatcher(Recorder(), ThreadPoolExecutor(1), max_batch_size=32, max_delay_s=0.05, max_queue=100,
+                               activity=Activity(tmp_path / "activity.bin", 0))
+        batcher._task = asyncio.get_running_loop().create_future()  # reserve() admits only a started batcher
+        if queued:
+            with batcher.reserve(queued) as reservation:
+                queued_task = asyncio.ensure_future(reservation.submit([np.ones((1, 2, 2))], MODELS["m"]))
+                await asyncio.sleep(0)
+        held = [batcher.reserve(n) for n in reserved]
+        answer = batcher.idle(reserved[-1])
+        for r in held:
+            r.release()
+        if queued:
+            queued_task.cancel()
+        return answer
+
+    assert run_async(main()) is idle
+
+
 def test_activity_shows_other_workers_images_until_a_dead_one_is_vacated(tmp_path):
     path = tmp_path / "activity.bin"
     Activity.create(path, 3)

@@ -134,3 +134,21 @@ def test_inline_decode_only_when_image_and_model_input_are_small(image_size, inp
     spec = spec_for(Preprocessing(input_size=input_size, colour_mode="RGB", mean=(0.5,) * 3, std=(0.25,) * 3))
     pre = Preprocessor(spec, 10**7)
     assert pre.inline(pre.open(encode(photo(*image_size), "PNG"))) is inline
+
+
+@pytest.mark.parametrize(
+    ("image_size", "fmt", "kwargs", "inline"),
+    [
+        pytest.param((640, 480), "JPEG", {}, True, id="baseline-jpeg"),
+        pytest.param((1024, 512), "JPEG", {}, True, id="largest-baseline-jpeg"),
+        pytest.param((1025, 512), "JPEG", {}, False, id="larger-jpeg-to-pool"),
+        pytest.param((640, 480), "JPEG", {"progressive": True}, False, id="progressive-jpeg-to-pool"),
+        pytest.param((640, 480), "PNG", {}, False, id="png-to-pool"),
+    ],
+)
+def test_inline_when_idle_only_for_baseline_jpegs_within_the_pixel_bound(image_size, fmt, kwargs, inline):
+    """An idle worker's loop finishes only what decodes in time linear in its size: a progressive JPEG's scans may
+    each revisit every block, and a PNG's chunks inflate."""
+    spec = spec_for(Preprocessing(input_size=(32, 32), colour_mode="L", mean=(0.5,), std=(0.25,)))
+    pre = Preprocessor(spec, 10**7)
+    assert pre.inline_when_idle(pre.open(encode(photo(*image_size), fmt, **kwargs))) is inline
