@@ -3,7 +3,7 @@ each listening on its own ``SO_REUSEPORT`` socket, under this supervisor.
 
 Why this shape: with one shared listening socket (uvicorn's ``--workers``) whichever worker wakes first accepts
 a burst of connections, and a closed-loop load could land almost entirely on one of two workers
-(docs/throughput.md#workers). With a socket per worker the kernel spreads new connections over the workers by
+(docs/throughput.md#worker-processes). With a socket per worker the kernel spreads new connections over the workers by
 a hash of the connection, and a worker that is still loading has no socket listening yet, so it gets none. The
 hash can give one worker more than its share (two clients on one worker half the time); that worker then closes
 one of its connections after a response, and the client's next one is hashed anew (``service.balance``).
