@@ -102,6 +102,35 @@ def test_predict_probabilities_equal_softmax_of_direct_session(client, default_m
     np.testing.assert_allclose(r.json()["predictions"][0]["probabilities"], want, atol=1e-6)
 
 
+@pytest.mark.parametrize(("progressive", "on_pool"), [(False, False), (True, True)],
+                         ids=["baseline-on-the-idle-loop", "progressive-on-the-pool"])
+def test_predict_lone_photo_equals_softmax_of_direct_session_wherever_decoded(client, default_model, settings,
+                                                                             monkeypatch, progressive, on_pool):
+    threads = []
+    finish = Preprocessor.finish
+
+    def recorded(self, header):
+        threads.append(threading.current_thread().name)
+        return finish(self, header)
+
+    monkeypatch.setattr(Preprocessor, "finish", recorded)
+    img, label = one_per_class()[3]
+    rng = np.random.default_rng(3)  # sensor noise within the ink threshold, so the file is photo-sized
+    arr = np.asarray(img.resize((480, 480), Image.Resampling.BILINEAR).convert("RGB"), np.int16)
+    arr = np.pad(arr, ((0, 0), (80, 80), (0, 0))) + rng.integers(0, 12, (480, 640, 3))
+    data = encode(Image.fromarray(arr.clip(0, 255).astype(np.uint8)), "JPEG", quality=90, progressive=progressive)
+    assert len(data) > 4096, len(data)  # past the small images' rule
+    r = client.post("/predict", content=data, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0]["top_k"][0]["label"] == str(label), r.text
+    assert [name.startswith("decode") for name in threads] == [on_pool], threads
+    monkeypatch.undo()
+    x = Preprocessor(Model.load(settings).spec, 10**7)(data).x[None]
+    session = ort.InferenceSession(default_model, providers=["CPUExecutionProvider"])
+    want = session.run(["probabilities"], {"input": x})[0][0]
+    np.testing.assert_allclose(r.json()["predictions"][0]["probabilities"], want, atol=1e-6)
+
+
 def test_predict_multipart_batch_answers_in_order(client):
     pairs = one_per_class()
     files = [("files", (f"{y}.png", png(img), "image/png")) for img, y in reversed(pairs)]
