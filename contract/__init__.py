@@ -279,11 +279,11 @@ class Preprocessing:
         return img
 
     def to_array(self, img: Image.Image) -> np.ndarray:
-        """The image as the network's pixels before normalisation: uint8 (C, H, W)."""
-        arr = np.asarray(self.resized(img), dtype=np.uint8)
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        return arr.transpose(2, 0, 1)
+        """The image as the network's pixels before normalisation: uint8 (C, H, W), read-only."""
+        img = self.resized(img)  # L or RGB
+        # np.asarray(img)'s pixels through a cheaper door: Pillow's array interface cost more than the copy
+        # (docs/throughput.md#small-images-by-table-2026-12-08).
+        return np.frombuffer(img.tobytes(), np.uint8).reshape(img.height, img.width, -1).transpose(2, 0, 1)
 
     def draft_size(self) -> tuple[int, int] | None:
         """The least (width, height) a JPEG may be decoded at (DCT scaling) and still give the pixels of a full

@@ -141,6 +141,8 @@ class Preprocessor:
         pixels = self.spec.preprocessing.to_array(img)
         if self.pixels_in:
             return pixels
+        if len(self.normalised) == 1:
+            return self.normalised[0].take(pixels)  # the same lookup without fancy indexing's broadcast
         return self.normalised[self.channel, pixels]
 
     def finish(self, header: ImageHeader) -> ImageInput:
