@@ -168,15 +168,18 @@ class MicroBatcher(Generic[M]):
         if self.activity is not None:
             self.activity.publish(len(self._queue) + self._incoming + self._running)
 
+    def _nothing_else(self, incoming: int) -> bool:
+        """Nothing queued here, only ``incoming`` images decoding, and no image in another worker."""
+        return not self._queue and self._incoming == incoming and (self.activity is None or self.activity.others_idle())
+
     def _alone(self) -> bool:
         """The batch about to run is all the work: none left queued or decoding here, none in another worker."""
-        return not self._queue and self._incoming == 0 and (self.activity is None or self.activity.others_idle())
+        return self._nothing_else(0)
 
     def idle(self, n: int) -> bool:
         """The ``n`` images just reserved are all the work: nothing else queued, decoding or running here, and no
         other worker holding images."""
-        return (not self._queue and self._incoming == n and self._running == 0
-                and (self.activity is None or self.activity.others_idle()))
+        return self._running == 0 and self._nothing_else(n)
 
     def _short(self, n: int, model: object) -> bool:
         """A batch of ``n`` images should take less than ``inline_s``, at the time per image of the last batch, if

@@ -30,7 +30,7 @@ from service.errors import (
     ServiceError,
     TooManyImages,
 )
-from service.preprocessing import IDLE_INLINE_BYTES, INLINE_BYTES, JPEG_MAGIC, ImageInput, Preprocessor
+from service.preprocessing import INLINE_BYTES, ImageInput, Preprocessor
 from service.runtime import Model
 from service.settings import Settings
 
@@ -222,17 +222,13 @@ async def classify_images(state: ServiceState, images: list[bytes], gone: Awaita
         decoded: list[ImageInput | asyncio.Future] = []
         try:
             for data in images:
-                if (INLINE_BYTES < len(data) <= IDLE_INLINE_BYTES and len(images) == 1 and data.startswith(JPEG_MAGIC)
-                        and batcher.idle(1)):
-                    header = pre.open(data)  # a JPEG's header: its markers, read in time linear in its bytes
-                    decoded.append(pre.finish(header) if pre.inline_when_idle(header)
-                                   else loop.run_in_executor(state.decode_pool, pre.finish, header))
-                    continue
-                if len(data) > INLINE_BYTES:
+                idle = len(images) == 1 and pre.opens_when_idle(data) and batcher.idle(1)
+                if len(data) > INLINE_BYTES and not idle:
                     decoded.append(loop.run_in_executor(state.decode_pool, pre, data))
                     continue
                 header = pre.open(data)  # header only: bad and oversized images are refused before decoding
-                decoded.append(pre.finish(header) if pre.inline(header)
+                inline = pre.inline_when_idle(header) if idle else pre.inline(header)
+                decoded.append(pre.finish(header) if inline
                                else loop.run_in_executor(state.decode_pool, pre.finish, header))
         except ServiceError as e:
             cancel(decoded)

@@ -94,9 +94,15 @@ class Preprocessor:
         """Cheap enough to finish on the event loop: a small image for a model with a small input."""
         return self.small_input and header.image.width * header.image.height <= INLINE_PIXELS
 
+    @staticmethod
+    def opens_when_idle(data: bytes) -> bool:
+        """A body an idle worker's loop may open, past the small images' bound: a JPEG's (its header is markers, read
+        in time linear in its bytes) of at most ``IDLE_INLINE_BYTES``."""
+        return INLINE_BYTES < len(data) <= IDLE_INLINE_BYTES and data.startswith(JPEG_MAGIC)
+
     def inline_when_idle(self, header: ImageHeader) -> bool:
-        """Cheap and bounded enough to finish on an idle worker's loop: a baseline JPEG of at most
-        ``IDLE_INLINE_PIXELS`` (its body is checked against ``IDLE_INLINE_BYTES`` and ``JPEG_MAGIC`` before opening)."""
+        """Cheap and bounded enough to finish on an idle worker's loop, once opened: a baseline JPEG of at most
+        ``IDLE_INLINE_PIXELS``."""
         img = header.image
         return (img.format == "JPEG" and not img.info.get("progressive")
                 and img.width * img.height <= IDLE_INLINE_PIXELS)
